@@ -1,0 +1,1 @@
+"""Training and evaluation tools: the data world, the VAE, the Fashion-MNIST classifier and the shapes detector."""
