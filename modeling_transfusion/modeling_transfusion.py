@@ -196,7 +196,6 @@ class TransfusionAttention(nn.Module):
             attention_mask,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
-            is_causal=False,  # the Transfusion mask is never plain causal once images are in the sequence
         )
         output = self.o_proj(output.reshape(*input_shape, -1).contiguous())
         return output, weights
@@ -425,6 +424,22 @@ class TransfusionPreTrainedModel(PreTrainedModel):
                 module.reset_parameters()
         else:
             super()._init_weights(module)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:  # a damaged weights file surfaces from deep inside safetensors
+            if "SafetensorError" not in type(error).__name__ and "deserializ" not in str(error):
+                raise
+            raise ValueError(
+                f"A weights file under {pretrained_model_name_or_path} is truncated or corrupted "
+                f"({_damaged_files(pretrained_model_name_or_path) or error}); re-save or re-download the checkpoint"
+            ) from error
+        vae = model.vae if isinstance(model, TransfusionForCausalLM) else getattr(model, "vae", None)
+        if vae is not None:
+            vae.requires_grad_(False)  # loading re-wraps tensors as trainable parameters
+        return model
 
     @staticmethod
     def _mark_torch_init(root: nn.Module) -> None:
@@ -658,12 +673,6 @@ class TransfusionForCausalLM(TransfusionPreTrainedModel, GenerationMixin):
     def crop_cache(cache: Cache, length: int) -> None:
         crop_cache(cache, length)
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
-        model.model.vae.requires_grad_(False)  # loading re-wraps tensors as trainable parameters
-        return model
-
     # -- training objective ----------------------------------------------------------------------------------------
     def _image_follows_text(self, input_ids, attention_mask, blocks) -> torch.Tensor:
         """(N,) bool: the image is followed by text in its row, i.e. it comes before its caption (noise limiting)."""
@@ -823,6 +832,23 @@ class TransfusionForCausalLM(TransfusionPreTrainedModel, GenerationMixin):
         if step_ids is not None and (step_ids == self.config.image_token_id).any():
             model_inputs.update(image_latents=image_latents, pixel_values=pixel_values, image_timesteps=image_timesteps)
         return model_inputs
+
+
+def _damaged_files(folder) -> str:
+    """Names of the .safetensors files in a local folder that cannot be opened."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    damaged = []
+    for path in sorted(Path(str(folder)).glob("*.safetensors")) if Path(str(folder)).is_dir() else []:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception as e:  # noqa: BLE001 - we report every unreadable file
+            damaged.append(f"{path.name}: {e}")
+    return "; ".join(damaged)
 
 
 def _build_noise_scheduler(config: TransfusionConfig):

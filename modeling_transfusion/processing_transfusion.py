@@ -110,10 +110,10 @@ class TransfusionProcessor(ProcessorMixin):
         """
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if isinstance(inputs, (list, tuple)) and (not inputs or any(isinstance(r, (list, tuple)) and not r for r in inputs)):
+            raise ValueError("Nothing to encode: the input (or one of its rows) is an empty list")
         is_batch = isinstance(inputs, list) and any(isinstance(r, (list, tuple)) for r in inputs)
         rows = inputs if is_batch else [inputs]
-        if not rows:
-            raise ValueError("Nothing to encode: the input list is empty")
         ids = self.special_ids
         encoded = [self._encode_row(r, add_eos, ids) for r in rows]
         if append_boi:
