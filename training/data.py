@@ -33,6 +33,7 @@ import inspect
 import os
 import re
 import unicodedata
+import warnings
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -553,7 +554,9 @@ def text_split_of(chunk: str) -> str:
 def _all_text_chunks() -> tuple[str, ...]:
     from pydoc_data.topics import topics  # the language reference's help topics, shipped with pydoc
 
-    docs = [doc for name in STDLIB_MODULES for doc in _docstrings(name)]
+    with warnings.catch_warnings():  # importing and inspecting old modules (typing.io, ...) warns of deprecations
+        warnings.simplefilter("ignore")
+        docs = [doc for name in STDLIB_MODULES for doc in _docstrings(name)]
     docs += [topics[key] for key in sorted(topics)]
     seen, chunks = set(), []
     for doc in docs:

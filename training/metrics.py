@@ -1,0 +1,92 @@
+"""Evaluation metrics: the Fréchet distance between feature sets, and the VAE reconstruction report.
+
+    python -m training.metrics --vae checkpoints/vae --classifier checkpoints/fmnist-classifier --n 10000
+"""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+from scipy import linalg
+
+from training.data import fashion_to_tensor, load_fashion_mnist
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (N_a, D) and (N_b, D):
+    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)).
+
+    The matrix square root can come back complex from round-off, or fail on singular covariances; like the FID
+    reference code we then add eps to the diagonals, and drop imaginary parts that are numerically zero.
+    """
+    a, b = np.asarray(feats_a, dtype=np.float64), np.asarray(feats_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"expected feature arrays (N_a, D) and (N_b, D), got {a.shape} and {b.shape}")
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"need at least 2 samples per set for a covariance, got {len(a)} and {len(b)}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    covmean = linalg.sqrtm(cov_a @ cov_b)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(cov_a)) * eps
+        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"sqrtm has a large imaginary component {np.abs(covmean.imag).max():.3g}")
+        covmean = covmean.real
+    diff = mu_a - mu_b
+    return float(max(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean), 0.0))
+
+
+@torch.no_grad()
+def vae_reconstruction_report(vae, classifier, n: int = 10_000, batch_size: int = 250) -> dict:
+    """Classifier accuracy on the first `n` Fashion-MNIST test images vs on their VAE reconstructions
+    (posterior mode, fp32), with the reconstruction MSE and the FD between the two feature sets."""
+    from training.train_vae import reconstruct  # noqa: PLC0415  (keeps this module free of diffusers at import)
+
+    images, labels = load_fashion_mnist("test")
+    x = fashion_to_tensor(images[:n])
+    y = torch.from_numpy(np.array(labels[:n]))
+    vae.eval()
+    classifier.eval()
+    rec = reconstruct(vae, x, batch_size)
+    acc_orig = float((classifier.predict(x) == y).float().mean())
+    acc_rec = float((classifier.predict(rec) == y).float().mean())
+    return {
+        "n": len(x),
+        "accuracy_original": acc_orig,
+        "accuracy_reconstruction": acc_rec,
+        "accuracy_gap_points": round(100 * (acc_orig - acc_rec), 2),
+        "mse": float(torch.nn.functional.mse_loss(rec, x)),
+        "fd_original_vs_reconstruction": frechet_distance(classifier.embed(x), classifier.embed(rec)),
+    }
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vae", default="checkpoints/vae", help="AutoencoderKL folder (save_pretrained)")
+    p.add_argument("--classifier", default="checkpoints/fmnist-classifier")
+    p.add_argument("--n", type=int, default=10_000, help="Fashion-MNIST test images")
+    p.add_argument("--out", default=None, help="optional JSON file for the report")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("TRANSFUSION_THREADS", "1")))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from diffusers import AutoencoderKL  # noqa: PLC0415
+
+    from training.classifier import load_classifier  # noqa: PLC0415
+
+    report = vae_reconstruction_report(AutoencoderKL.from_pretrained(args.vae), load_classifier(args.classifier), args.n)
+    print(json.dumps(report, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.out}")
+    else:
+        print("(report printed only; pass --out to write it)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
