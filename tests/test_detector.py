@@ -25,7 +25,7 @@ def test_detector_survives_mild_blur():
     specs = [shapes_scene(i, "train", seed=12) for i in range(200)]
     correct = []
     for s in specs:
-        blurred = ndimage.gaussian_filter(render_scene(s).astype(np.float64), sigma=(0.6, 0.6, 0))
+        blurred = ndimage.gaussian_filter(render_scene(s).astype(np.float64), sigma=(0.8, 0.8, 0))
         correct.append(detection_matches_scene(s, detect(np.clip(blurred, 0, 255).astype(np.uint8))))
     assert np.mean(correct) >= 0.95
 

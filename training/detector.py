@@ -3,9 +3,10 @@
 Pipeline: (1) foreground = pixels whose brightest channel is at least `min_brightness` (the background is black);
 (2) each foreground pixel takes the nearest palette colour by *chromaticity* (RGB divided by its brightest
 channel), so the darker fringes of blurred or generated objects keep their object's colour; pixels far from every
-palette colour stay unassigned; (3) connected components per colour (scipy.ndimage.label); small ones are noise;
-(4) shape from the component's core (pixels at least half as bright as the palette colour): a triangle has much
-less area in its top half than in its bottom half; of the rest, a square fills its bounding box, a circle ~79%.
+palette colour stay unassigned; (3) connected components per colour (scipy.ndimage.label) of the object cores,
+pixels at least half as bright as their palette colour (dim fringes would bridge close objects); small components
+are noise; (4) shape from the component: a triangle has much less area in its top half than in its bottom half;
+of the rest, a square fills its bounding box, a circle ~79%.
 
     python -m training.detector --n 500      # accuracy on freshly rendered scenes
 """
@@ -15,6 +16,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from training.data import COLOURS, EVAL_CATEGORIES, SceneSpec, parse_caption, relation_holds, render_scene, shapes_scene
@@ -55,29 +57,28 @@ def classify_shape(mask: np.ndarray) -> str:
     return "square" if area / (h * w) > 0.89 else "circle"
 
 
-def detect(image: np.ndarray, min_pixels: int = 12, **label_kwargs) -> list[DetectedObject]:
+def detect(image: np.ndarray, min_pixels: int = 12, core_fraction: float = 0.5, **label_kwargs) -> list[DetectedObject]:
     """Objects in a uint8 (32, 32, 3) image, in reading order of their centroids (top to bottom, left to right)."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected a uint8 (H, W, 3) image, got shape {image.shape}")
     labels = colour_labels(image, **label_kwargs)
-    brightness = image.astype(np.float64).max(axis=-1)
+    brightness = image.astype(np.float64).max(axis=-1)  # (H, W)
     objects = []
     for k, name in enumerate(_NAMES):
-        components, n = ndimage.label(labels == k)  # 4-connectivity
+        # components of the object cores: the dim fringes of soft images would bridge close objects
+        core = (labels == k) & (brightness >= core_fraction * _BRIGHTNESS[k])
+        components, _ = ndimage.label(core)  # 4-connectivity
         for i, box in enumerate(ndimage.find_objects(components), start=1):
             mask = components == i
             area = int(mask.sum())
             if area < min_pixels:
                 continue
-            core = (mask & (brightness >= 0.5 * _BRIGHTNESS[k]))[box]
-            rows, cols = np.nonzero(core if core.any() else mask[box])
-            core_box = core[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] if core.any() else mask[box]
             ys, xs = np.nonzero(mask)
             objects.append(
                 DetectedObject(
                     colour=name,
-                    shape=classify_shape(core_box),
+                    shape=classify_shape(mask[box]),
                     centroid=(float(xs.mean() + 0.5), float(ys.mean() + 0.5)),
                     area=area,
                     bbox=(box[1].start, box[0].start, box[1].stop - 1, box[0].stop - 1),
@@ -130,8 +131,6 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=123)
     p.add_argument("--threads", type=int, default=int(os.environ.get("TRANSFUSION_THREADS", "1")))
     args = p.parse_args(argv)
-    import torch
-
     torch.set_num_threads(args.threads)
     for split in ("train", "heldout"):
         specs = [shapes_scene(i, split, args.seed) for i in range(args.n)]
