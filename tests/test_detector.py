@@ -57,7 +57,8 @@ def test_score_prompt_fails_the_wrong_image():
     assert score_prompt("a red square", detect(red_circle)) == {"single_object": False, "colour": False}
     assert score_prompt("two red circles", detect(red_circle)) == {"counting": False}
 
-    spec = place_objects(rng, SceneSpec("relation", "red", "circle", relation="to the left of", colour2="blue", shape2="square"))
+    left_of = SceneSpec("relation", "red", "circle", relation="to the left of", colour2="blue", shape2="square")
+    spec = place_objects(rng, left_of)
     dets = detect(render_scene(spec))
     assert score_prompt(spec, dets) == {"two_objects": True, "position": True}
     assert score_prompt("a red circle to the right of a blue square", dets) == {"two_objects": True, "position": False}
@@ -72,4 +73,5 @@ def test_score_prompt_fails_the_wrong_image():
 
 def test_parse_caption_then_score_uses_the_same_spec():
     spec = shapes_scene(1, "heldout")
-    assert score_prompt(spec.caption, detect(render_scene(spec))) == score_prompt(parse_caption(spec.caption), detect(render_scene(spec)))
+    detections = detect(render_scene(spec))
+    assert score_prompt(spec.caption, detections) == score_prompt(parse_caption(spec.caption), detections)

@@ -34,7 +34,7 @@ import os
 import re
 import unicodedata
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
@@ -76,7 +76,7 @@ def _load_fashion_cached(split: str, folder: str) -> tuple[np.ndarray, np.ndarra
     images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
     labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
     if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28):
-        raise ValueError(f"{root}: inconsistent Fashion-MNIST {split} files: images {images.shape}, labels {labels.shape}")
+        raise ValueError(f"{root}: inconsistent Fashion-MNIST {split} files: {images.shape} images, {labels.shape} labels")
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels
@@ -92,13 +92,14 @@ def load_fashion_mnist(split: str = "train", folder: str | os.PathLike | None = 
     root = Path(folder) if folder is not None else FASHION_DIR
     if not root.is_dir():
         raise FileNotFoundError(
-            f"Fashion-MNIST folder {root} not found. Install the Debian package: apt-get install -y dataset-fashion-mnist"
+            f"Fashion-MNIST folder {root} not found. "
+            "Install the Debian package: apt-get install -y dataset-fashion-mnist"
         )
     return _load_fashion_cached(split, str(root))
 
 
 def fashion_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, 28, 28) → float (N, 3, 32, 32) in [-1, 1]: pad 2 px of background (0 → -1), grey repeated to RGB."""
+    """uint8 (N, 28, 28) → float (N, 3, 32, 32) in [-1, 1]: 2 px of background (0 → -1) padded, grey to RGB."""
     images = np.asarray(images)
     if images.ndim == 2:
         images = images[None]
@@ -202,7 +203,7 @@ class SceneSpec:
     relation: str | None = None
     colour2: str | None = None
     shape2: str | None = None
-    objects: tuple[PlacedObject, ...] = field(default=(), compare=True)
+    objects: tuple[PlacedObject, ...] = ()
 
     def __post_init__(self):
         if self.kind not in SCENE_KINDS:
@@ -319,7 +320,9 @@ def relation_holds(subject: tuple[float, float], obj: tuple[float, float], relat
 
 def _boxes_apart(a: PlacedObject, b: PlacedObject) -> bool:
     """At least GAP free pixels between the two bounding boxes along x or along y."""
-    return a.x + a.size + GAP <= b.x or b.x + b.size + GAP <= a.x or a.y + a.size + GAP <= b.y or b.y + b.size + GAP <= a.y
+    apart_x = a.x + a.size + GAP <= b.x or b.x + b.size + GAP <= a.x
+    apart_y = a.y + a.size + GAP <= b.y or b.y + b.size + GAP <= a.y
+    return apart_x or apart_y
 
 
 def _random_object(rng: np.random.Generator, colour: str, shape: str) -> PlacedObject:
@@ -369,7 +372,8 @@ def _sample_semantic(rng: np.random.Generator, kind: str) -> SceneSpec:
         colour2, shape2 = colours[rng.integers(len(colours))], SHAPES[rng.integers(n_shapes)]
         if (colour2, shape2) != (colour, shape):
             break
-    return SceneSpec("relation", colour, shape, relation=RELATIONS[rng.integers(len(RELATIONS))], colour2=colour2, shape2=shape2)
+    relation = RELATIONS[rng.integers(len(RELATIONS))]
+    return SceneSpec("relation", colour, shape, relation=relation, colour2=colour2, shape2=shape2)
 
 
 def sample_scene(rng: np.random.Generator, split: str = "train", kind: str | None = None) -> SceneSpec:
@@ -393,7 +397,8 @@ def sample_scene(rng: np.random.Generator, split: str = "train", kind: str | Non
             a, b = pairs[rng.integers(len(pairs))]
             if rng.integers(2):
                 a, b = b, a
-            spec = SceneSpec("relation", a[0], a[1], relation=RELATIONS[rng.integers(len(RELATIONS))], colour2=b[0], shape2=b[1])
+            relation = RELATIONS[rng.integers(len(RELATIONS))]
+            spec = SceneSpec("relation", a[0], a[1], relation=relation, colour2=b[0], shape2=b[1])
         else:
             count, colour, shape = sorted(HELDOUT_COUNTS)[rng.integers(len(HELDOUT_COUNTS))]
             spec = SceneSpec("count", colour, shape, count=count)
@@ -521,7 +526,8 @@ def _docstrings(module_name: str) -> list[str]:
         if inspect.isclass(obj):
             docs.append(inspect.getdoc(obj))
             for member_name, member in sorted(vars(obj).items()):
-                if not member_name.startswith("_") and (inspect.isfunction(member) or inspect.ismethoddescriptor(member)):
+                is_method = inspect.isfunction(member) or inspect.ismethoddescriptor(member)
+                if is_method and not member_name.startswith("_"):
                     docs.append(inspect.getdoc(member))
         elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
             docs.append(inspect.getdoc(obj))

@@ -77,7 +77,8 @@ def main(argv=None) -> dict:
 
     from training.classifier import load_classifier  # noqa: PLC0415
 
-    report = vae_reconstruction_report(AutoencoderKL.from_pretrained(args.vae), load_classifier(args.classifier), args.n)
+    vae, classifier = AutoencoderKL.from_pretrained(args.vae), load_classifier(args.classifier)
+    report = vae_reconstruction_report(vae, classifier, args.n)
     print(json.dumps(report, indent=2))
     if args.out:
         with open(args.out, "w") as f:

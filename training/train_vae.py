@@ -115,7 +115,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-eval", type=int, default=10_000, help="Fashion-MNIST test images for the final MSE")
     p.add_argument("--n-scale", type=int, default=4096, help="training images for the latent scaling factor")
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
-    p.add_argument("--resume", action="store_true", help=f"continue from <run-dir>/state.pt")
+    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/state.pt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=int(os.environ.get("TRANSFUSION_THREADS", "1")))
     return p.parse_args(argv)
