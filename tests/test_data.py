@@ -251,3 +251,19 @@ def test_vae_save_load_round_trip(tmp_path):
         assert z.shape == (2, 4, 16, 16)
         assert torch.equal(loaded.encode(x).latent_dist.mode(), z)
         assert torch.equal(loaded.decode(z).sample, vae.decode(z).sample)
+
+
+def test_classifier_save_load_round_trip(tmp_path):
+    from training.classifier import FashionClassifier, load_classifier
+
+    torch.manual_seed(0)
+    model = FashionClassifier().eval()
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    model.save(tmp_path, test_accuracy=0.5)
+    loaded = load_classifier(tmp_path)
+    with torch.no_grad():
+        assert model.features(x).shape == (4, model.config.feature_dim)
+        assert torch.equal(loaded(x), model(x))
+    assert loaded.embed(x).shape == (4, 128) and loaded.predict(x).shape == (4,)
+    with pytest.raises(FileNotFoundError, match="training.classifier"):
+        load_classifier(tmp_path / "missing")
