@@ -1,0 +1,31 @@
+# Fresh machine:  make demo   (install + run the bundled model)   |   make test   (install + run the test suite)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup setup-dev demo test space bench
+
+$(VENV)/.deps: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	bash scripts/install_system_deps.sh
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.deps requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	bash scripts/install_system_deps.sh --browser
+	touch $@
+
+setup: $(VENV)/.deps
+setup-dev: $(VENV)/.dev
+
+demo: $(VENV)/.deps
+	$(PY) demo.py
+
+test: $(VENV)/.dev
+	$(PY) -m pytest
+
+space: $(VENV)/.deps
+	$(PY) space/app.py
