@@ -79,6 +79,7 @@ PRESETS: dict[str, dict] = {
 }
 
 PATCH_ENCODERS = ("linear", "unet")
+IMAGE_ATTENTION = ("bidirectional", "causal")
 DIFFUSION_TYPES = ("ddpm", "flow_matching")
 PREDICTION_TYPES = {"ddpm": ("epsilon", "v_prediction", "sample"), "flow_matching": ("flow",)}
 
@@ -96,7 +97,8 @@ class TransfusionConfig(PreTrainedConfig):
     `latent_channels` × `latent_size` × `latent_size`; the latent is cut into `patch_size` × `patch_size` patches,
     each one image slot in the sequence. `patch_encoder` is `"linear"` (a linear layer, timestep embedding added)
     or `"unet"` (diffusers ResNet down/up blocks conditioned on the timestep, channels `unet_block_out_channels`,
-    one level per factor 2 of the patch size). `timestep_embed_dim` is the sinusoid's width.
+    one level per factor 2 of the patch size). `timestep_embed_dim` is the sinusoid's width. `image_attention`:
+    `"bidirectional"` among the slots of one image (the paper's) or `"causal"` (the paper's ablation).
 
     Diffusion: `diffusion_type` `"ddpm"` (the paper's; `prediction_type` epsilon|v_prediction|sample,
     `beta_schedule` default `squaredcos_cap_v2`, the cosine schedule) or `"flow_matching"` (`prediction_type`
@@ -145,6 +147,7 @@ class TransfusionConfig(PreTrainedConfig):
     unet_block_out_channels: list[int] | None = None
     unet_norm_groups: int = 32
     timestep_embed_dim: int = 256
+    image_attention: str = "bidirectional"
     vae_config: dict | None = None
     # Diffusion
     diffusion_type: str = "ddpm"
@@ -201,6 +204,8 @@ class TransfusionConfig(PreTrainedConfig):
             bad = [c for c in self.unet_block_out_channels if c % self.unet_norm_groups]
             if bad:
                 fail("unet_block_out_channels", bad, f"each must be divisible by unet_norm_groups={self.unet_norm_groups}")
+        if self.image_attention not in IMAGE_ATTENTION:
+            fail("image_attention", self.image_attention, f"allowed: {IMAGE_ATTENTION}")
         if self.diffusion_type not in DIFFUSION_TYPES:
             fail("diffusion_type", self.diffusion_type, f"allowed: {DIFFUSION_TYPES}")
         if self.prediction_type not in PREDICTION_TYPES[self.diffusion_type]:

@@ -590,7 +590,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
 
         block_sequence_ids = None
-        if n_images:
+        if n_images and self.config.image_attention == "bidirectional":
             block_sequence_ids = F.pad(blocks, (past_length, 0), value=-1)  # full length: past + current
         mask = create_causal_mask(
             config=self.config,

@@ -343,3 +343,16 @@ def test_presets_reach_paper_sizes():
         model = TransfusionForCausalLM(TransfusionConfig.from_preset("paper-0.16B"))
     backbone = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
     assert 0.10e9 < backbone < 0.16e9
+
+
+def test_causal_image_attention_ablation_switch():
+    model = tiny_model(image_attention="causal")
+    ids = mixed_ids(model.config)
+    latents = torch.randn(1, 4, 8, 8)
+    base = model(input_ids=ids, image_latents=latents, output_hidden_states=True)
+    changed = latents.clone()
+    changed[..., -2:, -2:] += 1.0  # only the last patch changes: with causal attention the first slot cannot see it
+    other = model(input_ids=ids, image_latents=changed, output_hidden_states=True)
+    torch.testing.assert_close(base.hidden_states[-1][0, 4], other.hidden_states[-1][0, 4])
+    with pytest.raises(ValueError, match="image_attention='sideways'"):
+        tiny_config(image_attention="sideways")
