@@ -1,0 +1,314 @@
+"""Training examples for Transfusion: a seeded mixture of Fashion-MNIST, the shapes world and text, and the collator
+that turns a list of examples into one model batch through the processor.
+
+The example stream
+------------------
+Example ``i`` of the stream is a pure function of ``(seed, i)`` (:class:`MixtureDataset`): a source drawn by the
+mixture weights, an item of that source drawn uniformly (with replacement), and for an image the direction
+(caption→image with probability ``1 - image_first_prob``, else image→caption). Any position of the stream can be
+produced without replaying what came before, which is what makes resuming exact and sharding free.
+
+Rows (DESIGN §1, §5)
+--------------------
+- caption→image: ``<|bos|> caption <|boi|> <|image|>×n <|eoi|> <|eos|>``
+- image→caption: ``<|bos|> <|boi|> <|image|>×n <|eoi|> caption <|eos|>``
+- text:          ``<|bos|> text <|eos|>``; a chunk longer than ``max_text_tokens`` is cut to a window of that length
+  at an offset drawn with the example (only a window that reaches the end keeps the ``<|eos|>``).
+
+Images travel as precomputed, scaled VAE latents (:func:`load_or_encode_latents`), so training never runs the VAE
+encoder; the processor lays out the tokens and the collator hands the latents to the model as ``image_latents``.
+
+Micro-batches
+-------------
+:class:`MicroBatchSampler` cuts the stream into micro-batches of ``batch_size`` examples: micro-batch ``m`` holds
+examples ``m·B … m·B + B − 1``. Optimizer step ``s`` consumes micro-batches ``s·A·W … (s+1)·A·W − 1`` (A gradient
+accumulation steps, W processes); process ``r`` takes those with ``m ≡ r (mod W)``. One process with ``A·W``
+accumulation steps therefore sees exactly the same micro-batches as ``W`` processes with ``A`` each.
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from training.data import fashion_caption, fashion_to_tensor, load_fashion_mnist, rgb_to_tensor, shapes_images, text_corpus
+
+IMAGE_SOURCES = ("fashion", "shapes")
+SOURCES = IMAGE_SOURCES + ("text",)
+DEFAULT_MIX = {"fashion": 0.4, "shapes": 0.4, "text": 0.2}
+KINDS = ("caption_image", "image_caption", "text")
+
+
+def parse_mix(mix) -> dict[str, float]:
+    """Mixture weights from a dict or a string ``"fashion=0.4,shapes=0.4,text=0.2"``; normalised to sum 1."""
+    if isinstance(mix, str):
+        pairs = [p.split("=", 1) for p in mix.replace(" ", "").split(",") if p]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"--mix {mix!r}: expected comma-separated name=weight pairs, e.g. fashion=0.4,shapes=0.4,text=0.2")
+        mix = {k: float(v) for k, v in pairs}
+    unknown = sorted(set(mix) - set(SOURCES))
+    if unknown:
+        raise ValueError(f"unknown mixture source(s) {unknown}; allowed: {SOURCES}")
+    weights = {k: float(mix.get(k, 0.0)) for k in SOURCES}
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"mixture weights must be ≥ 0 and not all 0, got {weights}")
+    total = sum(weights.values())
+    return {k: w / total for k, w in weights.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Latent cache
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageSource:
+    """The images of one source as scaled VAE latents (N, C, h, w) with their captions."""
+
+    name: str
+    latents: torch.Tensor
+    captions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def vae_fingerprint(vae) -> str:
+    """A short hash of a VAE's config and weights: the key of its latent caches."""
+    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def source_pixels(name: str, count: int | None, shapes_seed: int = 0) -> tuple[list[str], Iterator[torch.Tensor]]:
+    """Captions of a source's first `count` training images and an iterator over their pixels in chunks of
+    (n, 3, 32, 32) in [−1, 1]. Fashion-MNIST: the train split (count ≤ 60,000); shapes: the world's train scenes."""
+    chunk = 1000
+    if name == "fashion":
+        images, labels = load_fashion_mnist("train")
+        n = len(labels) if count is None else min(count, len(labels))
+        captions = [fashion_caption(c) for c in labels[:n]]
+        return captions, (fashion_to_tensor(images[i : min(i + chunk, n)]) for i in range(0, n, chunk))
+    if name == "shapes":
+        n = 60_000 if count is None else count
+        images, captions = shapes_images(n, "train", seed=shapes_seed)
+        return captions, (rgb_to_tensor(images[i : i + chunk]) for i in range(0, n, chunk))
+    raise ValueError(f"unknown image source {name!r}; allowed: {IMAGE_SOURCES}")
+
+
+@torch.no_grad()
+def encode_pixels(encode_images, chunks: Iterator[torch.Tensor], batch_size: int = 250, device=None, progress=None) -> torch.Tensor:
+    """Scaled latents of all images in `chunks` with `encode_images` ((N, 3, H, W) → (N, C, h, w)), in float32."""
+    out = []
+    for pixels in chunks:
+        for i in range(0, len(pixels), batch_size):
+            x = pixels[i : i + batch_size]
+            out.append(encode_images(x.to(device) if device is not None else x).float().cpu())
+            if progress is not None:
+                progress.update(len(x))
+    return torch.cat(out)
+
+
+def load_or_encode_latents(
+    model, name: str, count: int | None, cache_dir: str | os.PathLike, shapes_seed: int = 0, device=None, log=print
+) -> ImageSource:
+    """The latents of a source, from ``<cache_dir>/latents-<name>-n<count>-s<seed>-<vae hash>.pt`` or encoded with
+    `model.encode_images` and written there (atomically). The file is keyed by the VAE's weights, so a retrained VAE
+    never reads stale latents."""
+    from tqdm.auto import tqdm
+
+    captions, chunks = source_pixels(name, count, shapes_seed)
+    key = f"latents-{name}-n{len(captions)}-s{shapes_seed if name == 'shapes' else 0}-{vae_fingerprint(model.model.vae)}.pt"
+    path = Path(cache_dir) / key
+    if path.exists():
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if data.get("captions") != captions:
+            raise ValueError(f"latent cache {path} does not match the {name} captions; delete it to re-encode")
+        log(f"latents of {len(captions)} {name} images from {path}")
+        return ImageSource(name, data["latents"], captions)
+    log(f"encoding {len(captions)} {name} images with the VAE (once; cached in {path})")
+    with tqdm(total=len(captions), desc=f"encode {name}", dynamic_ncols=True, mininterval=5) as bar:
+        latents = encode_pixels(model.encode_images, chunks, device=device, progress=bar)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save({"latents": latents, "captions": captions}, tmp)
+    os.replace(tmp, path)
+    return ImageSource(name, latents, captions)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The example stream
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MixtureDataset(Dataset):
+    """An endless, index-addressable stream of training examples (see the module docstring).
+
+    Each example is a dict: ``index`` (its position in the stream), ``kind`` (one of :data:`KINDS`), ``text`` (the
+    caption or text chunk), ``latent`` ((C, h, w) or None) and ``window`` (a uniform number in [0, 1) that places
+    the window of a long text chunk).
+    """
+
+    CHUNK = 4096  # examples drawn together from one RNG
+
+    def __init__(
+        self,
+        images: dict[str, ImageSource],
+        texts: list[str],
+        mix: dict[str, float] | str | None = None,
+        image_first_prob: float = 0.2,
+        seed: int = 0,
+    ):
+        if not 0.0 <= image_first_prob <= 1.0:
+            raise ValueError(f"image_first_prob={image_first_prob}; expected a probability in [0, 1]")
+        weights = parse_mix(DEFAULT_MIX if mix is None else mix)
+        sizes = {**{k: len(v) for k, v in images.items()}, "text": len(texts)}
+        for name, weight in weights.items():
+            if weight > 0 and not sizes.get(name):
+                raise ValueError(f"mixture weight {name}={weight:.3f} but the {name} source is empty or not loaded")
+        self.sources = [k for k in SOURCES if weights[k] > 0]
+        self.cumulative = np.cumsum([weights[k] for k in self.sources])
+        self.cumulative[-1] = 1.0
+        self.sizes = np.array([sizes[k] for k in self.sources])
+        self.images, self.texts = images, texts
+        self.image_first_prob, self.seed = image_first_prob, seed
+
+    @lru_cache(maxsize=8)
+    def _chunk(self, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, 0x7F5, c])
+        u = rng.random((4, self.CHUNK))
+        source = np.searchsorted(self.cumulative, u[0], side="right").clip(max=len(self.sources) - 1)
+        item = np.minimum((u[1] * self.sizes[source]).astype(np.int64), self.sizes[source] - 1)
+        return source, item, u[2] < self.image_first_prob, u[3]
+
+    def __len__(self) -> int:
+        return 2**62  # endless; read through MicroBatchSampler
+
+    def __getitem__(self, index: int) -> dict:
+        if index < 0:
+            raise IndexError(f"stream index {index} < 0")
+        source, item, image_first, window = (a[index % self.CHUNK] for a in self._chunk(index // self.CHUNK))
+        name, item = self.sources[source], int(item)
+        if name == "text":
+            return {"index": index, "kind": "text", "text": self.texts[item], "latent": None, "window": float(window)}
+        src = self.images[name]
+        kind = "image_caption" if image_first else "caption_image"
+        return {"index": index, "kind": kind, "text": src.captions[item], "latent": src.latents[item], "window": 0.0}
+
+
+class MicroBatchSampler(Sampler):
+    """This process's micro-batches of stream indices, from optimizer step `start_step` on, forever.
+
+    Step s, accumulation a, process r reads micro-batch m = (s·A + a)·W + r, i.e. examples m·B … m·B + B − 1.
+    """
+
+    def __init__(self, batch_size: int, grad_accum: int = 1, num_processes: int = 1, process_index: int = 0, start_step: int = 0):
+        if batch_size < 1 or grad_accum < 1 or not 0 <= process_index < num_processes:
+            raise ValueError(
+                f"batch_size={batch_size}, grad_accum={grad_accum} must be ≥ 1 and process_index={process_index} in "
+                f"[0, num_processes={num_processes})"
+            )
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.num_processes, self.process_index, self.start_step = num_processes, process_index, start_step
+
+    def micro_index(self, step: int, accum: int) -> int:
+        return (step * self.grad_accum + accum) * self.num_processes + self.process_index
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        while True:
+            for a in range(self.grad_accum):
+                m = self.micro_index(step, a)
+                yield list(range(m * self.batch_size, (m + 1) * self.batch_size))
+            step += 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TransfusionCollator:
+    """Examples → ``input_ids``, ``attention_mask``, ``labels`` (right padded), ``image_latents`` (N, C, h, w) for
+    the images in row-major order (absent for a text-only batch) and ``example_index`` (B,)."""
+
+    def __init__(self, processor, max_text_tokens: int = 64):
+        if max_text_tokens < 2:
+            raise ValueError(f"max_text_tokens={max_text_tokens}; need at least 2 (<|bos|> and one token)")
+        self.processor, self.max_text_tokens = processor, max_text_tokens
+        self.pad_id = processor.special_ids["pad"]
+        # The processor only needs an image's size to lay out its slots; the pixels come from the latent cache.
+        self.placeholder = torch.zeros(3, processor.image_size, processor.image_size)
+
+    def rows(self, examples: list[dict]) -> list[list]:
+        rows = []
+        for ex in examples:
+            if ex["kind"] not in KINDS:
+                raise ValueError(f"example kind {ex['kind']!r}; expected one of {KINDS}")
+            if ex["kind"] == "caption_image":
+                rows.append([ex["text"], self.placeholder])
+            elif ex["kind"] == "image_caption":
+                rows.append([self.placeholder, ex["text"]])
+            else:
+                rows.append([ex["text"]])
+        return rows
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        enc = self.processor(self.rows(examples), add_eos=True, return_labels=True)
+        ids, labels, lengths = enc["input_ids"], enc["labels"], enc["attention_mask"].sum(-1).tolist()
+        kept = []  # (ids, labels) of each row without padding, text rows cut to a window
+        for i, ex in enumerate(examples):
+            row_ids, row_labels, n = ids[i, : lengths[i]], labels[i, : lengths[i]], lengths[i]
+            m = self.max_text_tokens
+            if ex["kind"] == "text" and n > m:
+                start = 1 + min(int(ex["window"] * (n - m + 1)), n - m)  # position after <|bos|>
+                keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(start, start + m - 1)])
+                row_ids, row_labels = row_ids[keep], row_labels[keep]
+            kept.append((row_ids, row_labels))
+        length = max(len(r) for r, _ in kept)
+        batch_ids = torch.full((len(kept), length), self.pad_id, dtype=torch.long)
+        batch_labels = torch.full((len(kept), length), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(kept), length), dtype=torch.long)
+        for i, (r, lab) in enumerate(kept):
+            batch_ids[i, : len(r)], batch_labels[i, : len(r)], attention_mask[i, : len(r)] = r, lab, 1
+        batch = {
+            "input_ids": batch_ids,
+            "attention_mask": attention_mask,
+            "labels": batch_labels,
+            "example_index": torch.tensor([ex["index"] for ex in examples], dtype=torch.long),
+        }
+        latents = [ex["latent"] for ex in examples if ex["latent"] is not None]
+        if latents:
+            batch["image_latents"] = torch.stack(latents).float()  # (N, C, h, w), row-major
+        return batch
+
+
+def build_text_source(max_examples: int | None = None) -> list[str]:
+    """The train split of the text corpus (its first `max_examples` chunks when given)."""
+    texts = text_corpus("train")
+    return texts if max_examples is None else texts[:max_examples]
+
+
+__all__ = [
+    "DEFAULT_MIX",
+    "IMAGE_SOURCES",
+    "SOURCES",
+    "ImageSource",
+    "MicroBatchSampler",
+    "MixtureDataset",
+    "TransfusionCollator",
+    "build_text_source",
+    "encode_pixels",
+    "load_or_encode_latents",
+    "parse_mix",
+    "vae_fingerprint",
+]

@@ -1,0 +1,755 @@
+"""Train a Transfusion model with accelerate: next-token prediction on text and diffusion on VAE latents, one loss.
+
+One CPU process, several processes (DDP) or sharded GPUs (FSDP / DeepSpeed via an accelerate config file) run the
+same script; checkpoints resume exactly.
+
+    python -m training.train --config training/configs/transfusion-tiny.yaml --minutes 40
+    python -m training.train --config training/configs/transfusion-tiny.yaml --resume          # continue it
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m training.train --batch-size 32 ...
+    accelerate launch --config_file training/configs/accelerate_fsdp.yaml -m training.train ...
+
+Batches. ``--batch-size`` B is per process and micro-batch; the global batch is B × processes W × ``--grad-accum`` A.
+Micro-batch m of the example stream (training/collate.py) holds examples m·B … m·B + B − 1, and before its forward
+the global RNG is seeded from (seed, m), so the noise, timesteps and caption dropout drawn inside the model belong
+to the micro-batch, not to the process. W processes × A and one process × (W·A) therefore compute the same
+micro-batch losses and the same averaged gradient (up to float summation order).
+
+Resume. A checkpoint (``<output-dir>/checkpoints/step-N``, accelerate ``save_state`` + a checksum manifest) holds
+the model, optimizer, LR schedule, step counters and RNG states; since the data position is a function of the step,
+the resumed run continues the same loss curve (bit for bit on CPU). A run killed mid-way resumes from its last
+complete checkpoint and rewrites the log from there.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_PREFIX = "step-"
+MANIFEST = "manifest.json"
+SAMPLE_PROMPTS = (
+    "a photo of a t-shirt",
+    "a photo of a trouser",
+    "a photo of a sneaker",
+    "a photo of a bag",
+    "a red circle",
+    "a blue square",
+    "a green triangle to the left of a yellow circle",
+    "two blue squares",
+)
+# command-line flag → TransfusionConfig field
+MODEL_FLAGS = {
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "layers": "num_hidden_layers",
+    "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads",
+    "patch_size": "patch_size",
+    "patch_encoder": "patch_encoder",
+    "unet_channels": "unet_block_out_channels",
+    "diffusion_type": "diffusion_type",
+    "prediction_type": "prediction_type",
+    "diffusion_loss_weight": "diffusion_loss_weight",
+    "caption_drop": "caption_drop_prob",
+    "max_position_embeddings": "max_position_embeddings",
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from (missing, damaged or incompatible); the message names the file."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", help="YAML/JSON file whose keys are these flags (batch_size or batch-size); flags given here override it")
+    g = p.add_argument_group("inputs and outputs")
+    g.add_argument("--tokenizer", default="checkpoints/tokenizer", help="tokenizer folder (python -m training.train_tokenizer)")
+    g.add_argument("--vae", default="checkpoints/vae", help="AutoencoderKL folder (python -m training.train_vae)")
+    g.add_argument("--output-dir", default="runs/transfusion", help="log, plots, checkpoints/ and final/ go here")
+    g.add_argument("--latent-cache", default="runs/latent-cache", help="folder for the VAE latents of the image sets")
+    g = p.add_argument_group("model (unset fields come from --preset; latent size/channels from the VAE)")
+    g.add_argument("--preset", default="tiny", help="TransfusionConfig preset: tiny, paper-0.16B … paper-7B")
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--intermediate-size", type=int, help="MLP width (default with --hidden-size: 8/3·d rounded up to 256)")
+    g.add_argument("--layers", type=int)
+    g.add_argument("--heads", type=int)
+    g.add_argument("--kv-heads", type=int)
+    g.add_argument("--patch-size", type=int)
+    g.add_argument("--patch-encoder", choices=("linear", "unet"))
+    g.add_argument("--unet-channels", type=int, nargs="+", help="U-Net patch encoder channels, one per resolution")
+    g.add_argument("--diffusion-type", choices=("ddpm", "flow_matching"))
+    g.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample", "flow"))
+    g.add_argument("--diffusion-loss-weight", type=float, help="λ in L = L_LM + λ·L_diffusion (paper: 5)")
+    g.add_argument("--noise-limit", type=int, help="largest t for an image before its caption (paper: 500; 0 disables)")
+    g.add_argument("--caption-drop", type=float, help="caption dropout probability for classifier-free guidance")
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--model-kwargs", type=json.loads, help='more TransfusionConfig fields as JSON, e.g. \'{"rms_norm_eps": 1e-5}\'')
+    g.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g = p.add_argument_group("data")
+    g.add_argument("--mix", default="fashion=0.4,shapes=0.4,text=0.2", help="mixture weights of the three sources")
+    g.add_argument("--image-first-prob", type=float, default=0.2, help="share of image→caption rows (paper: 0.2)")
+    g.add_argument("--max-text-tokens", type=int, default=64, help="text rows are cut to a window of this many tokens")
+    g.add_argument("--max-examples", type=int, help="use only the first N items of every source (tests, debugging)")
+    g.add_argument("--shapes-count", type=int, default=60_000, help="shapes-world training scenes")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=int, help="optimizer steps; the LR schedule spans them (default 2000 without --minutes)")
+    g.add_argument("--minutes", type=float, help="wall-clock budget of this invocation: stop cleanly and save when spent; "
+                   "without --max-steps the schedule is fitted to the budget after --calibrate-steps steps")
+    g.add_argument("--calibrate-steps", type=int, default=10)
+    g.add_argument("--stop-at-step", type=int, help="save and stop at this step as an interruption would; the LR schedule "
+                   "still spans --max-steps, and --resume continues it")
+    g.add_argument("--batch-size", type=int, default=16, help="examples per process and micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step and process")
+    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (paper: 3e-4)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine floor as a fraction of --lr (paper: 1/20)")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up (default: 2%% of the schedule, the paper's 4k of 250k)")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
+    g.add_argument("--eps", type=float, default=1e-8)
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), help="default: accelerate's config / env, else no")
+    g = p.add_argument_group("checkpoints, logging")
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint (and final/) every N steps; 0: only at the end")
+    g.add_argument("--keep-checkpoints", type=int, default=2)
+    g.add_argument("--resume", nargs="?", const="auto", help="continue the latest checkpoint of --output-dir, or the given one")
+    g.add_argument("--sample-every", type=int, default=500, help="loss plot and sample grid every N steps (0: plot at the end only)")
+    g.add_argument("--log-every", type=int, default=1, help="log.jsonl record every N steps")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--threads", type=int, default=int(os.environ.get("TRANSFUSION_THREADS", "1")), help="torch CPU threads per process")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
+    return p
+
+
+def load_config_file(path: str) -> dict:
+    text = Path(path).read_text()
+    if path.endswith(".json"):
+        values = json.loads(text)
+    else:
+        import yaml
+
+        values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of flag names to values, got {type(values).__name__}")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        try:
+            values = load_config_file(pre.config)
+        except (OSError, ValueError) as err:
+            parser.error(f"--config {pre.config}: {err}")
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known - {"config"})
+        if unknown:
+            parser.error(f"--config {pre.config}: unknown key(s) {unknown}; the keys are this script's flags")
+        parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "grad_accum", "threads", "keep_checkpoints", "log_every", "calibrate_steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; must be ≥ 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max-steps={args.max_steps}; must be ≥ 1")
+    if args.minutes is not None and args.minutes <= 0:
+        parser.error(f"--minutes={args.minutes}; must be > 0")
+    if args.mixed_precision not in (None, "no", "bf16", "fp16"):
+        parser.error(f"mixed_precision={args.mixed_precision!r}; allowed: no, bf16, fp16")
+    if args.max_steps is None and args.minutes is None:
+        args.max_steps = 2000
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model, tokenizer, VAE
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not (Path(path) / "tokenizer.json").exists():
+        raise FileNotFoundError(f"no tokenizer at {path}: build one with `python -m training.train_tokenizer` or pass --tokenizer")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def vae_config_from(path: str) -> dict:
+    from diffusers import AutoencoderKL
+
+    if not (Path(path) / "config.json").exists():
+        raise FileNotFoundError(f"no VAE at {path}: train one with `python -m training.train_vae` or pass --vae")
+    return {k: v for k, v in dict(AutoencoderKL.load_config(path)).items() if not k.startswith("_")}
+
+
+def build_config(args, tokenizer, vae_config: dict):
+    from modeling_transfusion import TransfusionConfig
+
+    overrides = {field: getattr(args, flag) for flag, field in MODEL_FLAGS.items() if getattr(args, flag) is not None}
+    if args.hidden_size is not None and args.intermediate_size is None:
+        overrides["intermediate_size"] = 256 * math.ceil(args.hidden_size * 8 / 3 / 256)
+    if args.noise_limit is not None:
+        overrides["noise_limit_timestep"] = args.noise_limit or None
+    downsample = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    overrides.update(
+        vocab_size=len(tokenizer),
+        vae_config=vae_config,
+        latent_channels=vae_config["latent_channels"],
+        latent_size=vae_config["sample_size"] // downsample,
+    )
+    overrides.update(args.model_kwargs or {})
+    config = TransfusionConfig.from_preset(args.preset, **overrides)
+    config._attn_implementation = args.attn_implementation
+    if config.image_size != 32:
+        raise ValueError(f"the VAE takes {config.image_size}×{config.image_size} images; the data world is 32×32")
+    for name, token in (("bos", "<|bos|>"), ("eos", "<|eos|>"), ("pad", "<|pad|>"), ("boi", "<|boi|>"), ("eoi", "<|eoi|>"), ("image", "<|image|>")):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if tid != getattr(config, f"{name}_token_id"):
+            raise ValueError(f"tokenizer id of {token} is {tid}, config.{name}_token_id is {getattr(config, f'{name}_token_id')}; "
+                             "build the tokenizer with build_tokenizer()")
+    return config
+
+
+def build_model(config, vae_path: str, seed: int):
+    from diffusers import AutoencoderKL
+
+    from modeling_transfusion import TransfusionForCausalLM
+
+    torch.manual_seed(seed)
+    model = TransfusionForCausalLM(config)
+    model.model.vae.load_state_dict(AutoencoderKL.from_pretrained(vae_path).state_dict())
+    model.model.vae.requires_grad_(False)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Schedule, state, checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class WarmupCosine:
+    """LR factor after `i` optimizer steps: linear warm-up, then cosine from 1 to `final` at `horizon`.
+
+    A plain object (not a lambda) so `LambdaLR.state_dict` saves its fields and resuming restores them. With a time
+    budget and no step count, `horizon` is None until calibrated; meanwhile the factor ramps over `provisional`."""
+
+    def __init__(self, warmup: int | None, horizon: int | None, final: float, provisional: int = 1000):
+        self.warmup, self.horizon, self.final, self.provisional = warmup, horizon, final, provisional
+        if horizon is not None:
+            self.set_horizon(horizon, warmup)
+
+    def set_horizon(self, horizon: int, warmup: int | None = None) -> None:
+        self.horizon = max(1, int(horizon))
+        self.warmup = max(1, int(warmup if warmup is not None else round(0.02 * self.horizon)))
+
+    def __call__(self, i: int) -> float:
+        if self.horizon is None:
+            return min(1.0, (i + 1) / self.provisional)
+        if i < self.warmup:
+            return (i + 1) / self.warmup
+        progress = min(1.0, (i - self.warmup) / max(1, self.horizon - self.warmup))
+        return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainState:
+    """Counters saved with every checkpoint (registered with accelerate)."""
+
+    step: int = 0
+    tokens: int = 0
+    examples: int = 0
+    train_seconds: float = 0.0
+    global_batch: int = 0
+    batch_size: int = 0
+    seed: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def micro_seed(seed: int, micro_index: int) -> int:
+    """The torch seed of micro-batch `micro_index`: the model draws its noise, timesteps and dropout from it."""
+    return int(np.random.SeedSequence([seed, 0x5EED, micro_index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Raise CheckpointError naming the first missing or damaged file of a checkpoint (checked against its manifest)."""
+    manifest = folder / MANIFEST
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {folder} does not exist")
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint manifest {manifest} is missing or unreadable ({err}); the checkpoint is incomplete") from None
+    hint = f"delete {folder} to resume from the previous checkpoint, or start without --resume"
+    for name, info in entries.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing; {hint}")
+        if path.stat().st_size != info["size"] or _sha256(path) != info["sha256"]:
+            raise CheckpointError(f"checkpoint file {path} is corrupted (its checksum differs from {manifest}); {hint}")
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    found = []
+    for p in root.glob(f"{CHECKPOINT_PREFIX}*") if root.is_dir() else []:
+        suffix = p.name[len(CHECKPOINT_PREFIX) :]
+        if p.is_dir() and suffix.isdigit():
+            found.append((int(suffix), p))
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(accelerator, root: Path, step: int, keep: int) -> Path:
+    """accelerate `save_state` into step-N.tmp, a checksum manifest, then an atomic rename to step-N; prune to `keep`."""
+    final, tmp = root / f"{CHECKPOINT_PREFIX}{step}", root / f"{CHECKPOINT_PREFIX}{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_manifest(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_final(accelerator, model, tokenizer, processor, out: Path) -> None:
+    """`save_pretrained` of the model, tokenizer and processor into `out` (written aside, then swapped in)."""
+    state_dict = accelerator.get_state_dict(model)  # collective under FSDP / DeepSpeed
+    if accelerator.is_main_process:
+        tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, save_function=accelerator.save)
+        tokenizer.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def portable_model_hooks(accelerator) -> None:
+    """Save and load the unwrapped model's weights (no DDP `module.` prefix) so a checkpoint resumes under any number
+    of processes. FSDP and DeepSpeed save their own sharded formats and are left alone."""
+    from safetensors.torch import load_model
+
+    def save_hook(models, weights, output_dir):
+        for i, model in enumerate(models[: len(weights)]):
+            weights[i] = accelerator.unwrap_model(model).state_dict()
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(models):
+            path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            load_model(accelerator.unwrap_model(model), str(path), device="cpu")
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots and samples
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(log_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(log_path)
+    if not records:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key in zip(axes, ("loss", "lm_loss", "diffusion_loss")):
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if not points:
+            continue
+        steps, values = map(np.asarray, zip(*points))
+        ax.plot(steps, values, lw=0.6, alpha=0.35, color="C0")
+        smooth, ema = [], values[0]
+        for v in values:
+            ema = 0.95 * ema + 0.05 * v
+            smooth.append(ema)
+        ax.plot(steps, smooth, lw=1.5, color="C1", label="EMA 0.95")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def write_samples(model, tokenizer, png: Path, seed: int, prompts=SAMPLE_PROMPTS) -> str:
+    """A grid of text→image samples (20 DDIM steps, guidance 3) if the pipeline is importable; returns what happened."""
+    try:
+        from pipelines.pipeline_transfusion import TransfusionPipeline
+    except Exception as err:  # the pipeline lives in another package that may not be there yet
+        return f"sample grid skipped (pipeline not importable: {err})"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+
+    config = model.config
+    scheduler_cls = FlowMatchEulerDiscreteScheduler if config.diffusion_type == "flow_matching" else DDIMScheduler
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            pipe = TransfusionPipeline(transformer=model, scheduler=scheduler_cls.from_config(config.scheduler_config()), tokenizer=tokenizer)
+            generator = torch.Generator().manual_seed(seed)
+            images = pipe(prompt=list(prompts), num_inference_steps=20, guidance_scale=3.0, generator=generator).images
+    except Exception as err:
+        return f"sample grid failed: {type(err).__name__}: {err}"
+    finally:
+        model.train(was_training)
+    cols = 4
+    rows = math.ceil(len(images) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, prompt in zip(axes.flat, images, prompts):
+        ax.imshow(np.asarray(image))
+        ax.set_title(prompt if len(prompt) < 24 else prompt[:22] + "…", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return f"samples → {png}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def resolve_resume(args, ckpt_root: Path) -> Path | None:
+    existing = list_checkpoints(ckpt_root)
+    if args.resume is None:
+        if existing:
+            raise CheckpointError(
+                f"{args.output_dir} already holds checkpoints (latest {existing[-1]}); pass --resume to continue that run, "
+                "or choose another --output-dir"
+            )
+        return None
+    if args.resume == "auto":
+        return existing[-1] if existing else None
+    path = Path(args.resume)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {path}: no such checkpoint folder")
+    return path
+
+
+def train(args) -> dict:
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import DistributedType, GradientAccumulationPlugin, broadcast_object_list
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from modeling_transfusion import TransfusionProcessor
+    from training.collate import (
+        IMAGE_SOURCES,
+        MicroBatchSampler,
+        MixtureDataset,
+        TransfusionCollator,
+        build_text_source,
+        load_or_encode_latents,
+        parse_mix,
+    )
+
+    t_start = time.time()
+    torch.set_num_threads(args.threads)
+    out_dir = Path(args.output_dir)
+    ckpt_root, final_dir, log_path = out_dir / "checkpoints", out_dir / "final", out_dir / "log.jsonl"
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        cpu=args.cpu,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.grad_accum, sync_with_dataloader=False),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # text-only micro-batches skip the image path
+    )
+    say = accelerator.print
+    world, rank = accelerator.num_processes, accelerator.process_index
+    resume_from = resolve_resume(args, ckpt_root)
+    if resume_from is not None:
+        verify_checkpoint(resume_from)
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    config = build_config(args, tokenizer, vae_config_from(args.vae))
+    model = build_model(config, args.vae, args.seed)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    processor = TransfusionProcessor.from_model_config(tokenizer, config)
+
+    mix = parse_mix(args.mix)
+    images = {}
+    with accelerator.main_process_first():  # the main process encodes and caches; the others read the cache
+        model.to(accelerator.device)
+        for name in IMAGE_SOURCES:
+            if mix[name] > 0:
+                count = args.shapes_count if name == "shapes" else None
+                if args.max_examples is not None:
+                    count = min(count, args.max_examples) if count else args.max_examples
+                images[name] = load_or_encode_latents(model, name, count, args.latent_cache, device=accelerator.device, log=say)
+    texts = build_text_source(args.max_examples) if mix["text"] > 0 else []
+    dataset = MixtureDataset(images, texts, mix, args.image_first_prob, args.seed)
+    collator = TransfusionCollator(processor, args.max_text_tokens)
+
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=tuple(args.betas), eps=args.eps,
+    )  # fmt: skip
+    schedule = WarmupCosine(args.warmup_steps, args.max_steps, args.min_lr_ratio, provisional=args.warmup_steps or 100 * args.calibrate_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # no prepared DataLoader tells DeepSpeed the micro-batch
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
+    model, optimizer = accelerator.prepare(model, optimizer)
+    grad_accum = accelerator.gradient_accumulation_steps  # DeepSpeed's config may override the flag
+    global_batch = args.batch_size * world * grad_accum
+    state = TrainState(global_batch=global_batch, batch_size=args.batch_size, seed=args.seed)
+    # The scheduler is not prepared: accelerate would step it once per process. Stepping it here once per optimizer
+    # step keeps the schedule independent of the number of processes.
+    accelerator.register_for_checkpointing(scheduler, state)
+    portable_model_hooks(accelerator)
+
+    if resume_from is not None:
+        try:
+            accelerator.load_state(str(resume_from))
+        except Exception as err:
+            raise CheckpointError(f"could not load checkpoint {resume_from}: {type(err).__name__}: {err}") from None
+        accelerator.step = 0  # micro-batch counter: every checkpoint sits on an optimizer-step boundary
+        if (state.global_batch, state.batch_size, state.seed) != (global_batch, args.batch_size, args.seed):
+            say(f"warning: {resume_from} was trained with global batch {state.global_batch} (micro-batch "
+                f"{state.batch_size}, seed {state.seed}); now {global_batch} ({args.batch_size}, seed {args.seed}): "
+                "the loss curve will not continue exactly")  # fmt: skip
+            state.global_batch, state.batch_size, state.seed = global_batch, args.batch_size, args.seed
+        if args.max_steps is not None and schedule.horizon != args.max_steps:
+            say(f"note: the LR schedule now ends at step {args.max_steps} (was {schedule.horizon})")
+            schedule.set_horizon(args.max_steps, args.warmup_steps)
+        say(f"resumed {resume_from} at step {state.step}")
+    elif args.resume == "auto":
+        say(f"no checkpoint in {ckpt_root}; starting fresh")
+
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_root.glob(f"{CHECKPOINT_PREFIX}*.tmp"):  # a save interrupted by a kill
+            shutil.rmtree(stale, ignore_errors=True)
+        kept = [r for r in read_log(log_path) if r["step"] <= state.step]  # steps after the checkpoint are redone
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        n_params = sum(p.numel() for n, p in accelerator.unwrap_model(model).named_parameters() if not n.startswith("model.vae."))
+        run_info = {"args": vars(args), "processes": world, "global_batch": global_batch, "grad_accum": grad_accum,
+                    "transformer_parameters": n_params, "device": str(accelerator.device),
+                    "distributed_type": str(accelerator.distributed_type), "config": config.to_dict()}  # fmt: skip
+        (out_dir / "run.json").write_text(json.dumps(run_info, indent=1, default=str))
+        say(f"{n_params / 1e6:.2f}M transformer parameters; {world} process(es) × batch {args.batch_size} × "
+            f"accumulation {grad_accum} = global batch {global_batch}; {args.threads} thread(s) per process")  # fmt: skip
+
+    sampler = MicroBatchSampler(args.batch_size, grad_accum, world, rank, start_step=state.step)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=args.workers)
+    batches = iter(loader)
+
+    stop = {"signal": None}
+    previous_handlers = {}
+
+    def on_signal(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous_handlers[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread
+            pass
+
+    budget_s = None if args.minutes is None else args.minutes * 60
+    session_steps, session_tokens, session_time, t_first = 0, 0, 0.0, None
+    bar = tqdm(total=schedule.horizon, initial=state.step, desc="train", dynamic_ncols=True, disable=not accelerator.is_local_main_process)
+    last_saved, notes = -1, []
+    model.train()
+    try:
+        while True:
+            if schedule.horizon is not None and state.step >= schedule.horizon:
+                break
+            t0 = time.perf_counter()
+            sums = torch.zeros(6, dtype=torch.float64)  # loss, lm, diffusion, #micro with images, #micro, tokens
+            grad_norm = None
+            lr = optimizer.param_groups[0]["lr"]
+            for _ in range(grad_accum):
+                batch = next(batches)
+                micro = int(batch.pop("example_index")[0]) // args.batch_size
+                torch.manual_seed(micro_seed(args.seed, micro))
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                with accelerator.accumulate(model):
+                    out = model(**batch)
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients:
+                        if args.clip > 0:
+                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.clip)
+                        optimizer.step()
+                        if not accelerator.optimizer_step_was_skipped:
+                            scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                has_images = out.diffusion_loss is not None
+                sums += torch.tensor([
+                    out.loss.item(), out.lm_loss.item(), out.diffusion_loss.item() if has_images else 0.0,
+                    float(has_images), 1.0, float(batch["attention_mask"].sum()),
+                ], dtype=torch.float64)  # fmt: skip
+            if not accelerator.sync_gradients:
+                raise RuntimeError("gradient accumulation fell out of step with the optimizer steps")
+            totals = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
+            step_s = time.perf_counter() - t0
+            state.step += 1
+            state.tokens += int(totals[5])
+            state.examples += global_batch
+            state.train_seconds += step_s
+            session_steps += 1
+            if session_steps == 1:
+                t_first = time.time()
+            else:
+                session_tokens += int(totals[5])
+                session_time += step_s
+            if state.step % args.log_every == 0 and accelerator.is_main_process:
+                record = {
+                    "step": state.step,
+                    "loss": float(totals[0] / totals[4]),
+                    "lm_loss": float(totals[1] / totals[4]),
+                    "diffusion_loss": float(totals[2] / totals[3]) if totals[3] else None,
+                    "lr": lr,
+                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "tokens": int(totals[5]),
+                    "tokens_per_s": float(totals[5] / step_s),
+                    "step_s": step_s,
+                    "elapsed_s": state.train_seconds,
+                }
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lm=f"{record['lm_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            bar.update(1)
+
+            if schedule.horizon is None and session_steps == args.calibrate_steps + 1:
+                # Fit the schedule to the time budget from the measured step time (first step excluded).
+                per_step = (time.time() - t_first) / args.calibrate_steps
+                remaining = budget_s - (time.time() - t_start)
+                horizon = [state.step + max(1, int(remaining / per_step))]
+                broadcast_object_list(horizon)
+                schedule.set_horizon(horizon[0], args.warmup_steps)
+                bar.total = schedule.horizon
+                say(f"\ncalibrated: {per_step:.3f} s/step → LR schedule of {schedule.horizon} steps for {args.minutes} min")
+
+            out_of_time = budget_s is not None and time.time() - t_start > budget_s
+            if args.stop_at_step is not None and state.step >= args.stop_at_step:
+                stop["signal"] = stop["signal"] or f"--stop-at-step {args.stop_at_step}"
+            if out_of_time or stop["signal"]:
+                accelerator.set_trigger()
+            stopping = accelerator.check_trigger()
+            finished = stopping or (schedule.horizon is not None and state.step >= schedule.horizon)
+            if (args.save_every and state.step % args.save_every == 0) or finished:
+                save_checkpoint(accelerator, ckpt_root, state.step, args.keep_checkpoints)
+                save_final(accelerator, model, tokenizer, processor, final_dir)
+                last_saved = state.step
+            if args.sample_every and (state.step % args.sample_every == 0 or finished) and accelerator.is_main_process:
+                plot_losses(log_path, out_dir / "loss.png")
+                if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+                    notes.append("sample grids are skipped under FSDP / DeepSpeed (sharded weights)")
+                else:
+                    (out_dir / "samples").mkdir(exist_ok=True)
+                    note = write_samples(accelerator.unwrap_model(model), tokenizer, out_dir / "samples" / f"step-{state.step}.png", args.seed)
+                    if note not in notes:
+                        notes.append(note)
+            if stopping:
+                why = stop["signal"] or f"time budget of {args.minutes} min spent"
+                say(f"\nstopping at step {state.step}: {why}")
+                break
+    finally:
+        bar.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+
+    if last_saved != state.step:  # e.g. a schedule that was already complete at resume
+        save_checkpoint(accelerator, ckpt_root, state.step, args.keep_checkpoints)
+        save_final(accelerator, model, tokenizer, processor, final_dir)
+    if accelerator.is_main_process:
+        plot_losses(log_path, out_dir / "loss.png")
+    tokens_per_s = session_tokens / session_time if session_time else float("nan")
+    say(f"\ntrained to step {state.step} ({state.tokens:,} tokens, {state.train_seconds / 60:.1f} min of steps); "
+        f"{tokens_per_s:,.0f} tokens/s this session")  # fmt: skip
+    for note in notes:
+        say(note)
+    say(f"wrote: model, tokenizer, processor → {final_dir}\n       checkpoints → {ckpt_root}\n       "
+        f"log → {log_path}\n       loss plot → {out_dir / 'loss.png'}")  # fmt: skip
+    summary = {"step": state.step, "tokens_per_s": tokens_per_s, "output_dir": str(out_dir), "processes": world}
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if world == 1:  # let a later in-process run (tests) build a fresh Accelerator
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return summary
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except (CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
