@@ -267,3 +267,17 @@ def test_classifier_save_load_round_trip(tmp_path):
     assert loaded.embed(x).shape == (4, 128) and loaded.predict(x).shape == (4,)
     with pytest.raises(FileNotFoundError, match="training.classifier"):
         load_classifier(tmp_path / "missing")
+
+
+def test_frechet_distance_matches_scipy_sqrtm_and_survives_dead_features():
+    from scipy import linalg
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(400, 6)), rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6)) + 0.5
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    diff = a.mean(0) - b.mean(0)
+    reference = diff @ diff + np.trace(ca + cb - 2 * linalg.sqrtm(ca @ cb).real)
+    assert frechet_distance(a, b) == pytest.approx(reference, rel=1e-8)
+    dead = np.concatenate([a, np.zeros((400, 3))], axis=1)  # ReLU units that never fire: singular covariance
+    assert frechet_distance(dead, dead) == pytest.approx(0.0, abs=1e-8)
+    assert np.isfinite(frechet_distance(dead, np.concatenate([b[:300], np.zeros((300, 3))], axis=1)))

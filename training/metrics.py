@@ -9,18 +9,26 @@ import os
 
 import numpy as np
 import torch
-from scipy import linalg
 
 from training.data import fashion_to_tensor, load_fashion_mnist
 
 
-def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6) -> float:
-    """Fréchet distance between Gaussians fitted to two feature sets (N_a, D) and (N_b, D):
-    |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)).
+def _trace_sqrt_product(cov_a: np.ndarray, cov_b: np.ndarray) -> float:
+    """tr((S_a S_b)^(1/2)) for covariance matrices, through symmetric eigendecompositions.
 
-    The matrix square root can come back complex from round-off, or fail on singular covariances; like the FID
-    reference code we then add eps to the diagonals, and drop imaginary parts that are numerically zero.
+    S_a S_b is similar to S_a^(1/2) S_b S_a^(1/2), which is symmetric positive semi-definite, so the trace is the
+    sum of the square roots of its (real, non-negative) eigenvalues. Unlike scipy.linalg.sqrtm of the product this
+    neither returns complex round-off nor fails on the singular covariances that ReLU features give (dead units).
     """
+    w, v = np.linalg.eigh(cov_a)
+    sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    eig = np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a)
+    return float(np.sqrt(np.clip(eig, 0, None)).sum())
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (N_a, D) and (N_b, D):
+    |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2))  (the FID formula, on our classifier's features)."""
     a, b = np.asarray(feats_a, dtype=np.float64), np.asarray(feats_b, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"expected feature arrays (N_a, D) and (N_b, D), got {a.shape} and {b.shape}")
@@ -28,16 +36,9 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6
         raise ValueError(f"need at least 2 samples per set for a covariance, got {len(a)} and {len(b)}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(cov_a)) * eps
-        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm has a large imaginary component {np.abs(covmean.imag).max():.3g}")
-        covmean = covmean.real
     diff = mu_a - mu_b
-    return float(max(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean), 0.0))
+    fd = diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * _trace_sqrt_product(cov_a, cov_b)
+    return float(max(fd, 0.0))
 
 
 @torch.no_grad()
