@@ -281,3 +281,18 @@ def test_frechet_distance_matches_scipy_sqrtm_and_survives_dead_features():
     dead = np.concatenate([a, np.zeros((400, 3))], axis=1)  # ReLU units that never fire: singular covariance
     assert frechet_distance(dead, dead) == pytest.approx(0.0, abs=1e-8)
     assert np.isfinite(frechet_distance(dead, np.concatenate([b[:300], np.zeros((300, 3))], axis=1)))
+
+
+def test_reconstruction_reports_run_on_a_tiny_vae():
+    from training.classifier import FashionClassifier
+    from training.metrics import shapes_reconstruction_report, vae_reconstruction_report
+    from training.train_vae import build_vae
+
+    torch.manual_seed(0)
+    vae = build_vae(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4)
+    shapes = shapes_reconstruction_report(vae, n=4)
+    assert shapes["detector_exact_original"] == 1.0 and 0.0 <= shapes["detector_exact_reconstruction"] <= 1.0
+    if data.FASHION_DIR.is_dir():
+        report = vae_reconstruction_report(vae, FashionClassifier().eval(), n=8)
+        assert report["n"] == 8 and 0.0 <= report["accuracy_reconstruction"] <= 1.0 and report["mse"] > 0

@@ -1,4 +1,5 @@
-"""Evaluation metrics: the Fréchet distance between feature sets, and the VAE reconstruction report.
+"""Evaluation metrics: the Fréchet distance between feature sets, and the VAE reconstruction reports
+(Fashion-MNIST classifier accuracy on originals vs reconstructions; the shapes detector on held-out scenes).
 
     python -m training.metrics --vae checkpoints/vae --classifier checkpoints/fmnist-classifier --n 10000
 """
@@ -10,7 +11,25 @@ import os
 import numpy as np
 import torch
 
-from training.data import fashion_to_tensor, load_fashion_mnist
+from training.data import (
+    fashion_to_tensor,
+    load_fashion_mnist,
+    render_scene,
+    rgb_to_tensor,
+    shapes_scene,
+    tensor_to_rgb,
+)
+from training.detector import detect, detection_matches_scene
+
+
+@torch.no_grad()
+def reconstruct(vae, x: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    """Encode with the posterior mode and decode, in batches: (N, 3, 32, 32) → (N, 3, 32, 32), clamped to [-1, 1]."""
+    out = []
+    for i in range(0, len(x), batch_size):
+        z = vae.encode(x[i : i + batch_size]).latent_dist.mode()  # (b, 4, 8, 8)
+        out.append(vae.decode(z).sample.clamp(-1, 1))
+    return torch.cat(out)
 
 
 def _trace_sqrt_product(cov_a: np.ndarray, cov_b: np.ndarray) -> float:
@@ -45,8 +64,6 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
 def vae_reconstruction_report(vae, classifier, n: int = 10_000, batch_size: int = 250) -> dict:
     """Classifier accuracy on the first `n` Fashion-MNIST test images vs on their VAE reconstructions
     (posterior mode, fp32), with the reconstruction MSE and the FD between the two feature sets."""
-    from training.train_vae import reconstruct  # noqa: PLC0415  (keeps this module free of diffusers at import)
-
     images, labels = load_fashion_mnist("test")
     x = fashion_to_tensor(images[:n])
     y = torch.from_numpy(np.array(labels[:n]))
@@ -65,11 +82,34 @@ def vae_reconstruction_report(vae, classifier, n: int = 10_000, batch_size: int 
     }
 
 
+@torch.no_grad()
+def shapes_reconstruction_report(vae, n: int = 1000, seed: int = 0) -> dict:
+    """How well held-out shapes scenes survive the VAE: the detector's exact-match rate on originals vs
+    reconstructions (same objects, colours and shapes, centroids inside their boxes) and the MSE."""
+    specs = [shapes_scene(i, "heldout", seed) for i in range(n)]
+    originals = np.stack([render_scene(s) for s in specs])
+    x = rgb_to_tensor(originals)
+    vae.eval()
+    rec = reconstruct(vae, x)
+    rec_images = tensor_to_rgb(rec)
+
+    def exact_rate(images: np.ndarray) -> float:
+        return float(np.mean([detection_matches_scene(s, detect(im)) for s, im in zip(specs, images)]))
+
+    return {
+        "n": n,
+        "detector_exact_original": exact_rate(originals),
+        "detector_exact_reconstruction": exact_rate(rec_images),
+        "mse": float(torch.nn.functional.mse_loss(rec, x)),
+    }
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vae", default="checkpoints/vae", help="AutoencoderKL folder (save_pretrained)")
     p.add_argument("--classifier", default="checkpoints/fmnist-classifier")
     p.add_argument("--n", type=int, default=10_000, help="Fashion-MNIST test images")
+    p.add_argument("--n-shapes", type=int, default=1000, help="held-out shapes scenes")
     p.add_argument("--out", default=None, help="optional JSON file for the report")
     p.add_argument("--threads", type=int, default=int(os.environ.get("TRANSFUSION_THREADS", "1")))
     args = p.parse_args(argv)
@@ -79,7 +119,10 @@ def main(argv=None) -> dict:
     from training.classifier import load_classifier  # noqa: PLC0415
 
     vae, classifier = AutoencoderKL.from_pretrained(args.vae), load_classifier(args.classifier)
-    report = vae_reconstruction_report(vae, classifier, args.n)
+    report = {
+        "fashion_test": vae_reconstruction_report(vae, classifier, args.n),
+        "shapes_heldout": shapes_reconstruction_report(vae, args.n_shapes),
+    }
     print(json.dumps(report, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -24,6 +24,7 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from training.data import fashion_to_tensor, load_fashion_mnist, rgb_to_tensor, shapes_images
+from training.metrics import reconstruct
 
 VAE_CONFIG = dict(
     in_channels=3,
@@ -48,16 +49,6 @@ def edge_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     dx = (x[..., :, 1:] - x[..., :, :-1]) - (y[..., :, 1:] - y[..., :, :-1])
     dy = (x[..., 1:, :] - x[..., :-1, :]) - (y[..., 1:, :] - y[..., :-1, :])
     return dx.abs().mean() + dy.abs().mean()
-
-
-@torch.no_grad()
-def reconstruct(vae: AutoencoderKL, x: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
-    """Encode with the posterior mode and decode, in batches: (N, 3, 32, 32) → (N, 3, 32, 32)."""
-    out = []
-    for i in range(0, len(x), batch_size):
-        z = vae.encode(x[i : i + batch_size]).latent_dist.mode()
-        out.append(vae.decode(z).sample.clamp(-1, 1))
-    return torch.cat(out)
 
 
 @torch.no_grad()
