@@ -363,8 +363,7 @@ def eval_shapes(pipe, args) -> tuple[dict, np.ndarray]:
     return {
         "n_prompts": len(prompts),
         "images_per_prompt": args.shapes_per_prompt,
-        "prompts_per_category": {c: len(prompts) // len(EVAL_CATEGORIES) + (i < len(prompts) % len(EVAL_CATEGORIES))
-                                 for i, c in enumerate(EVAL_CATEGORIES)},
+        "prompts_per_category": {c: sum(p.category == c for p in prompts) for c in EVAL_CATEGORIES},
         **summary,
         "detector_on_references": geneval_summary(reference),
     }, images
