@@ -487,6 +487,89 @@ class TransfusionPipeline(DiffusionPipeline):
         }
         (model_dir / "processor_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
+    # -- LoRA adapters (PEFT) -----------------------------------------------------------------------------------------
+    # An adapter is a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`), as written by
+    # `training/finetune_lora.py` or any `PeftModel.save_pretrained`. Loading goes through transformers'
+    # `load_adapter`; the shape check before it turns an adapter made for another model into a ValueError naming the
+    # module and both shapes. To save a pipeline with the LoRA in its weights: `fuse_lora()`, `unload_lora_weights()`,
+    # then `save_pretrained(...)`. Unloading restores the weight-name conversions that `load_adapter` replaced; without
+    # that every key would be saved with a `base_model.model.` prefix and the reload would re-initialise them.
+
+    def load_lora_weights(self, pretrained_model_name_or_path, adapter_name: str = "default", **kwargs) -> None:
+        """Load a PEFT LoRA adapter (local folder or Hub repo id) into the transformer and make it the active one.
+
+        Extra keyword arguments go to `transformers.PreTrainedModel.load_adapter` (e.g. `revision`, `token`)."""
+        model = self.transformer
+        folder = _adapter_folder(pretrained_model_name_or_path, kwargs)
+        _check_adapter_fits(model, folder)
+        if not getattr(model, "_hf_peft_config_loaded", False):
+            self._lora_base_state = {
+                "weight_conversions": vars(model).get("_weight_conversions", _UNSET),
+                "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+            }
+        model.load_adapter(str(folder), adapter_name=adapter_name, **kwargs)
+        model.set_adapter(adapter_name)
+
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None) -> None:
+        """Merge the active LoRA adapter(s), scaled by `lora_scale`, into the base weights. Outputs do not change
+        (at `lora_scale=1`); `unload_lora_weights()` afterwards keeps the fused weights and drops the LoRA layers."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        model = self.transformer
+        if not getattr(model, "_hf_peft_config_loaded", False):
+            raise ValueError("No LoRA adapter is loaded: call load_lora_weights(path) before fuse_lora()")
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer) and not module.merged:
+                if lora_scale != 1.0:
+                    module.scale_layer(lora_scale)
+                module.merge(adapter_names=adapter_names)
+        self._lora_fused = True
+
+    def unload_lora_weights(self) -> None:
+        """Remove every LoRA adapter from the transformer. Un-fused adapters are simply gone (the model computes what
+        the base model computed); fused ones stay in the weights, as in diffusers. Restores the model's weight-name
+        conversions and trainable flags from before `load_lora_weights`, so `save_pretrained` writes plain keys."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        model = self.transformer
+        fused = getattr(self, "_lora_fused", False)
+        done: list[str] = []
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)):
+                continue
+            if any(name.startswith(prefix + ".") for prefix in done):
+                continue  # inside a layer already replaced
+            if isinstance(module, AuxiliaryTrainingWrapper):  # modules_to_save: the trained copy only if fused
+                replacement = (
+                    module.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
+                    if fused
+                    else module.original_module
+                )
+            else:
+                replacement = module.get_base_layer()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, replacement)
+            done.append(name)
+        if hasattr(model, "peft_config"):
+            del model.peft_config
+        model._hf_peft_config_loaded = False
+
+        state = getattr(self, "_lora_base_state", None) or {}
+        conversions = state.get("weight_conversions", _UNSET)
+        if conversions is _UNSET:  # the adapter came through model.load_adapter directly: drop only its renamings
+            current = vars(model).get("_weight_conversions")
+            if current is not None:
+                model._weight_conversions = [c for c in current if not _is_adapter_renaming(c)]
+        elif conversions is _MISSING:
+            vars(model).pop("_weight_conversions", None)
+        else:
+            model._weight_conversions = conversions
+        for param_name, param in model.named_parameters():
+            param.requires_grad_(state.get("requires_grad", {}).get(param_name, param.requires_grad))
+        self._lora_base_state = None
+        self._lora_fused = False
+
 
 def _find_code_file(name: str, model_class) -> Path | None:
     """The model's source folder (package or remote-code cache) holds the code files to copy."""
@@ -495,6 +578,99 @@ def _find_code_file(name: str, model_class) -> Path | None:
     folder = Path(inspect.getfile(model_class)).parent
     candidate = folder / name
     return candidate if candidate.exists() else None
+
+
+# -- LoRA helpers -------------------------------------------------------------------------------------------------------
+_UNSET = object()  # nothing recorded
+_MISSING = "missing"  # the model had no `_weight_conversions` attribute before the adapter was loaded
+
+
+def _is_adapter_renaming(conversion) -> bool:
+    patterns = [*getattr(conversion, "source_patterns", []), *getattr(conversion, "target_patterns", [])]
+    return any("base_model.model" in p or "lora_" in p for p in patterns)
+
+
+def _adapter_folder(name_or_path, kwargs: dict) -> Path:
+    """A local adapter folder: the path itself, or the adapter files of a Hub repo downloaded to the cache."""
+    path = Path(str(name_or_path))
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/")):
+        raise ValueError(f"{name_or_path} is not a LoRA adapter folder (expected adapter_config.json inside it)")
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(
+            str(name_or_path),
+            revision=kwargs.get("revision"),
+            token=kwargs.get("token"),
+            allow_patterns=["adapter_config.json", "adapter_model.*"],
+        )
+    )
+
+
+def _adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    if (folder / "adapter_model.safetensors").exists():
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    if (folder / "adapter_model.bin").exists():
+        state = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+        return {key: tuple(value.shape) for key, value in state.items()}
+    raise ValueError(f"{folder} holds no adapter_model.safetensors or adapter_model.bin")
+
+
+def _check_adapter_fits(model, folder: Path) -> None:
+    """Raise ValueError naming every adapter tensor that does not fit `model` (a module it lacks, another size)."""
+    import re
+
+    if not (folder / "adapter_config.json").exists():
+        raise ValueError(f"{folder} is not a PEFT adapter folder: it has no adapter_config.json")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{folder} holds a {config.get('peft_type')} adapter; load_lora_weights loads LoRA adapters")
+    # the model's own weights under their plain names (PEFT wrappers of earlier adapters stripped)
+    plain = {}
+    for key, value in model.state_dict().items():
+        key = re.sub(r"\.(base_layer|original_module)(?=\.)|\.modules_to_save\.[^.]+(?=\.)", "", key)
+        plain.setdefault(key, tuple(value.shape))
+    modules = {name: module for name, module in model.named_modules()}
+    problems = []
+    for key, shape in sorted(_adapter_shapes(folder).items()):
+        name = key.removeprefix("base_model.model.")
+        match = re.match(r"(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$", name)
+        if match is None:  # a full module saved through modules_to_save
+            if name not in plain:
+                problems.append(f"{name}: this model has no such weight")
+            elif plain[name] != shape:
+                problems.append(f"{name}: adapter {list(shape)} vs model {list(plain[name])}")
+            continue
+        module_name, part = match.groups()
+        module = modules.get(module_name)
+        weight = getattr(getattr(module, "base_layer", module), "weight", None)
+        if weight is None:
+            problems.append(f"{module_name}: the adapter adapts it, this model has no such layer")
+            continue
+        # lora_A reads the layer's input, lora_B writes its output (embedding LoRA the other way round)
+        axis, got, side = {
+            "lora_A": (1, shape[1], "input"),
+            "lora_B": (0, shape[0], "output"),
+            "lora_embedding_A": (0, shape[1], "vocabulary"),
+            "lora_embedding_B": (1, shape[0], "embedding"),
+        }[part]
+        if weight.shape[axis] != got:
+            problems.append(
+                f"{module_name}: adapter {part} {list(shape)} needs {side} size {got}, the layer has {weight.shape[axis]}"
+            )
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; … {len(problems) - 6} more" if len(problems) > 6 else "")
+        base = config.get("base_model_name_or_path")
+        raise ValueError(
+            f"The LoRA adapter in {folder} does not fit this model"
+            + (f" (it was trained on {base})" if base else "")
+            + f": {shown}"
+        )
 
 
 __all__ = ["TransfusionPipeline", "TransfusionPipelineOutput", "InterleavedOutput"]

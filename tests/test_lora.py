@@ -1,0 +1,232 @@
+"""LoRA on a tiny Transfusion: adapters change outputs, save/load round trips, pipeline load/fuse/unload, merging,
+the frozen VAE, bad input, the fine-tuning script and the concept renderer/detector."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import tiny_model
+from diffusers import DDIMScheduler
+
+from pipelines import TransfusionPipeline
+from training.finetune_lora import (
+    DEFAULT_TARGETS,
+    NEW_COLOUR,
+    _concept_spec,
+    add_lora,
+    detect_colour_objects,
+    main,
+    read_examples,
+    render_objects,
+)
+
+torch.set_num_threads(1)
+
+
+def ids_and_latents(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(6, 300, (2, 6), generator=g)
+    image = torch.tensor([[3] + [5] * 16 + [4]] * 2)  # <|boi|> 16 slots <|eoi|>
+    return torch.cat([ids, image, ids[:, :3]], dim=1), torch.randn(2, 4, 8, 8, generator=g)
+
+
+def run(model, seed=0):
+    """Text logits and image predictions of one forward with an image at t = 300."""
+    ids, latents = ids_and_latents(seed)
+    with torch.no_grad():
+        out = model(input_ids=ids, image_latents=latents, image_timesteps=torch.tensor([300, 300]))
+    return out.logits, out.image_predictions
+
+
+def assert_same(a, b, **kw):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, **kw)
+
+
+def lora_model(seed=0, **kwargs):
+    return add_lora(tiny_model(seed), rank=4, init_lora_weights=False, **kwargs).eval()
+
+
+@pytest.fixture()
+def adapter_dir(tmp_path):
+    peft_model = lora_model()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter", run(peft_model)
+
+
+def make_pipe(tokenizer, model=None):
+    model = model if model is not None else tiny_model(0)
+    pipe = TransfusionPipeline(
+        transformer=model, scheduler=DDIMScheduler.from_config(model.config.scheduler_config()), tokenizer=tokenizer
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe):
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    return pipe("a red circle", num_inference_steps=2, guidance_scale=2.0, latents=noise, output_type="latent").images
+
+
+def test_adapter_changes_outputs_and_zero_init_does_not():
+    base = run(tiny_model(0))
+    assert_same(run(add_lora(tiny_model(0), rank=4).eval()), base)  # default init: B = 0
+    adapted = run(lora_model())
+    assert not torch.allclose(adapted[0], base[0]) and not torch.allclose(adapted[1], base[1])
+
+
+def test_targets_only_backbone_projections_never_the_vae():
+    model = lora_model()
+    adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert len(adapted) == 2 * len(DEFAULT_TARGETS)
+    assert all(".layers." in n and n.rsplit(".", 1)[-1] in DEFAULT_TARGETS for n in adapted)
+    vae = model.base_model.model.model.vae
+    assert not any("lora" in n for n, _ in vae.named_parameters())
+    assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_save_then_load_adapter_on_fresh_model_is_identical(adapter_dir):
+    folder, expected = adapter_dir
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    assert set(saved["target_modules"]) == set(DEFAULT_TARGETS)
+    fresh = tiny_model(0)
+    fresh.load_adapter(str(folder))
+    assert_same(run(fresh), expected, rtol=0, atol=0)
+
+
+def test_merge_and_unload_equals_active_adapter():
+    model = lora_model()
+    expected = run(model)
+    merged = model.merge_and_unload()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert_same(run(merged), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_pipeline_load_fuse_unload(tokenizer, adapter_dir, tmp_path):
+    folder, expected = adapter_dir
+    pipe = make_pipe(tokenizer)
+    base_run, base_sample = run(pipe.transformer), sample(pipe)
+    base_weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+
+    pipe.load_lora_weights(folder)
+    assert_same(run(pipe.transformer), expected, rtol=0, atol=0)
+    adapted_sample = sample(pipe)
+    assert not torch.allclose(adapted_sample, base_sample)
+
+    pipe.unload_lora_weights()  # not fused: back to the base model exactly
+    assert_same(run(pipe.transformer), base_run, rtol=0, atol=0)
+    assert not hasattr(pipe.transformer, "peft_config")
+    assert {k: v for k, v in pipe.transformer.state_dict().items()}.keys() == base_weights.keys()
+
+    pipe.load_lora_weights(folder)
+    pipe.fuse_lora()
+    assert_same(run(pipe.transformer), expected, atol=2e-5, rtol=1e-5)
+    pipe.unload_lora_weights()  # fused weights stay, LoRA layers go
+    assert not any("lora" in k for k in pipe.transformer.state_dict())
+    assert_same(run(pipe.transformer), expected, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(sample(pipe), adapted_sample, atol=1e-4, rtol=1e-4)
+
+    # saved after fuse + unload: plain keys, and the reload computes the fused model (DESIGN §8)
+    pipe.save_pretrained(tmp_path / "fused")
+    reloaded = TransfusionPipeline.from_pretrained(tmp_path / "fused")
+    assert_same(run(reloaded.transformer), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_pipeline_lora_on_a_loaded_checkpoint_keeps_saving_plain_keys(tokenizer, adapter_dir, tmp_path):
+    folder, expected = adapter_dir
+    make_pipe(tokenizer).save_pretrained(tmp_path / "base")
+    pipe = TransfusionPipeline.from_pretrained(tmp_path / "base")
+    before = vars(pipe.transformer).get("_weight_conversions")
+    pipe.load_lora_weights(folder)
+    assert vars(pipe.transformer).get("_weight_conversions") != before  # load_adapter swaps in its renamings
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    assert vars(pipe.transformer).get("_weight_conversions") == before
+    pipe.save_pretrained(tmp_path / "again")
+    assert_same(run(TransfusionPipeline.from_pretrained(tmp_path / "again").transformer), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_unknown_target_module_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"qq_proj.*q_proj"):
+        add_lora(tiny_model(0), targets=["q_proj", "qq_proj"])
+    with pytest.raises(ValueError, match="Unknown LoRA target"):
+        add_lora(tiny_model(0), targets="to_q")  # a VAE layer name: the VAE is not adaptable
+
+
+def test_adapter_for_another_base_model_is_a_clear_error(tokenizer, adapter_dir):
+    folder, _ = adapter_dir
+    pipe = make_pipe(tokenizer, tiny_model(0, hidden_size=64, intermediate_size=96))
+    with pytest.raises(ValueError, match=r"does not fit this model.*gate_proj: adapter lora_A \[4, 32\] needs input size 32, the layer has 64"):
+        pipe.load_lora_weights(folder)
+    assert not getattr(pipe.transformer, "_hf_peft_config_loaded", False)  # nothing half-loaded
+    deeper = make_pipe(tokenizer, tiny_model(0, num_hidden_layers=1))
+    with pytest.raises(ValueError, match=r"model.layers.1.*no such layer"):
+        deeper.load_lora_weights(folder)
+    with pytest.raises(ValueError, match="not a PEFT adapter folder"):
+        make_pipe(tokenizer).load_lora_weights(folder.parent)
+
+
+def write_folder(folder, n=4):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        caption, objects = _concept_spec(rng, NEW_COLOUR[0])
+        PIL.Image.fromarray(render_objects(objects, {NEW_COLOUR[0]: NEW_COLOUR[1], "red": (220, 40, 40),
+                                                     "green": (40, 200, 60), "blue": (50, 90, 230),
+                                                     "yellow": (230, 210, 40)})).save(folder / f"{i}.png")  # fmt: skip
+        (folder / f"{i}.txt").write_text(caption)
+    (folder / "extra.jsonl").write_text(json.dumps({"text": "a line of plain text"}) + "\n")
+
+
+def test_finetune_script_writes_a_loadable_adapter(tokenizer, tmp_path, capsys):
+    make_pipe(tokenizer).save_pretrained(tmp_path / "base")
+    write_folder(tmp_path / "data")
+    (tmp_path / "notes.txt").write_text("first text row\n\nsecond text row\n")
+    out = tmp_path / "adapter"
+    main(["--base", str(tmp_path / "base"), "--data", str(tmp_path / "data"), "--text", str(tmp_path / "notes.txt"),
+          "--steps", "3", "--batch-size", "3", "--output", str(out), "--threads", "1", "--log-every", "1",
+          "--train-patch-modules"])  # fmt: skip
+    assert f"wrote the LoRA adapter to {out}" in capsys.readouterr().out
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert set(config["modules_to_save"]) == {"image_encoder", "image_decoder", "time_embed"}
+
+    pipe = TransfusionPipeline.from_pretrained(tmp_path / "base")
+    base = run(pipe.transformer)
+    pipe.load_lora_weights(out)
+    adapted = run(pipe.transformer)
+    assert not torch.allclose(adapted[1], base[1])  # the trained patch modules and LoRA act
+    pipe.unload_lora_weights()
+    assert_same(run(pipe.transformer), base, rtol=0, atol=0)
+
+
+def test_finetune_help_and_data_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "--train-patch-modules" in capsys.readouterr().out
+    (tmp_path / "d").mkdir()
+    PIL.Image.new("RGB", (32, 32)).save(tmp_path / "d" / "lonely.png")
+    with pytest.raises(ValueError, match="lonely.png has no caption file lonely.txt"):
+        read_examples([str(tmp_path / "d")])
+    (tmp_path / "bad.jsonl").write_text('{"image": "missing.png", "text": "x"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: image .*missing.png does not exist"):
+        read_examples([str(tmp_path / "bad.jsonl")])
+
+
+def test_concept_renderer_and_detector_agree():
+    from training.data import COLOURS, shapes_images
+
+    name, rgb = NEW_COLOUR
+    palette = {**COLOURS, name: rgb}
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        caption, objects = _concept_spec(rng, name)
+        found = sorted(detect_colour_objects(render_objects(objects, palette), palette))
+        assert found == sorted((o.colour, o.shape) for o in objects), caption
+    images, captions = shapes_images(20, "train", seed=3)  # the old world is read as before
+    for image, caption in zip(images, captions):
+        assert all(colour != name for colour, _ in detect_colour_objects(image, palette)), caption

@@ -1,0 +1,540 @@
+"""LoRA fine-tuning of a Transfusion checkpoint (PEFT + accelerate) on your own captioned images and text.
+
+The adapter sits on the shared backbone: the attention and MLP projections of every layer by default, optionally also
+the image patch encoder/decoder and the timestep embedder (trained in full through PEFT's `modules_to_save`). Both
+objectives keep running: next-token prediction on the captions and text, diffusion on the images; a share of the image
+rows put the image first (captioning), as in pre-training.
+
+    python -m training.finetune_lora --data my_images/ --output runs/lora-mine
+    python -m training.finetune_lora --data captions.jsonl --text notes.txt --steps 300 --rank 16 --train-patch-modules
+
+Data (`--data`, repeatable): a folder of images (`.png`, `.jpg`, `.jpeg`, `.webp`), each with a caption in the
+same-name `.txt`, plus any `*.jsonl` files in it; or one JSONL file whose lines are `{"image": path, "text": caption}`
+(paths relative to the JSONL file) or `{"text": ...}` (a text-only row). `--text FILE` adds a plain-text file, one
+example per non-empty line.
+
+The result is a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`) that loads with
+`TransfusionPipeline.load_lora_weights(path)` or `model.load_adapter(path)`.
+
+Concept experiment (a colour the base model never saw; see docs/lora_and_conversion.md):
+
+    python -m training.finetune_lora render-concept --output runs/purple-data      # png + txt folder
+    python -m training.finetune_lora --data runs/purple-data --output runs/lora-purple
+    python -m training.finetune_lora evaluate-concept --adapter runs/lora-purple    # before/after scores
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_BASE = "checkpoints/transfusion-tiny"
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# trained in full (not LoRA) with --train-patch-modules: everything on the image path outside the backbone but the VAE
+PATCH_MODULES = ("image_encoder", "image_decoder", "time_embed")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading the base checkpoint
+# ----------------------------------------------------------------------------------------------------------------
+def load_base(path: str | os.PathLike):
+    """A Transfusion model and its tokenizer from a pipeline folder (`transformer/` + `tokenizer/`) or a model folder
+    (config, weights and tokenizer files side by side)."""
+    from transformers import AutoTokenizer
+
+    import modeling_transfusion  # noqa: F401  (registers the Auto classes)
+    from modeling_transfusion import TransfusionForCausalLM
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"base checkpoint {root} not found (a saved TransfusionPipeline or model folder)")
+    model_dir = root / "transformer" if (root / "model_index.json").exists() else root
+    tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else model_dir
+    model = TransfusionForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    _rebuild_meta_noise_scheduler(model)
+    return model, tokenizer
+
+
+def _rebuild_meta_noise_scheduler(model) -> None:
+    """`from_pretrained` builds the model on the meta device, and the training noise scheduler's tables (plain
+    tensors, not buffers) stay there; rebuild them on the CPU so the diffusion loss can be computed."""
+    from diffusers import DDPMScheduler
+
+    scheduler = getattr(model, "noise_scheduler", None)
+    if scheduler is not None and scheduler.alphas_cumprod.is_meta:
+        model.noise_scheduler = DDPMScheduler.from_config(model.config.scheduler_config())
+
+
+def check_target_modules(model, targets) -> list[str]:
+    """The LoRA targets, validated: each must name a Linear/Conv/Embedding layer of the model outside the VAE."""
+    from torch import nn
+
+    targets = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
+    if not targets:
+        raise ValueError("no LoRA target modules given")
+    layers = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) and ".vae." not in f".{name}."
+    }
+    unknown = [t for t in targets if t not in layers]
+    if unknown:
+        raise ValueError(
+            f"Unknown LoRA target module(s) {unknown}: this model's adaptable layers (VAE excluded) are named "
+            f"{sorted(layers)}"
+        )
+    return targets
+
+
+def add_lora(model, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, targets=DEFAULT_TARGETS,
+             train_patch_modules: bool = False, init_lora_weights=True):  # fmt: skip
+    """Wrap `model` in a PEFT LoRA model on `targets` (names checked first); returns the `PeftModel`."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = check_target_modules(model, targets)
+    if rank < 1:
+        raise ValueError(f"rank={rank} must be ≥ 1")
+    vae_names = {name.rsplit(".", 1)[-1] for name, _ in model.model.vae.named_modules()}
+    if vae_names & set(targets):  # a name the frozen VAE shares: match it everywhere but inside the VAE
+        targets = rf"^(?!model\.vae\.).*\.({'|'.join(map(re.escape, targets))})$"
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        modules_to_save=list(PATCH_MODULES) if train_patch_modules else None,
+        init_lora_weights=init_lora_weights,
+    )
+    return get_peft_model(model, config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Example:
+    text: str
+    image: Path | None = None
+
+
+def _read_jsonl(path: Path) -> list[Example]:
+    examples = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{number}: each line needs a string 'text' (and optionally 'image'), got {line[:80]!r}")
+        image = record.get("image")
+        if image is not None:
+            image = Path(image) if Path(image).is_absolute() else path.parent / image
+            if not image.exists():
+                raise ValueError(f"{path}:{number}: image {image} does not exist")
+        examples.append(Example(record["text"], image))
+    return examples
+
+
+def read_examples(data: list[str] = (), text_files: list[str] = ()) -> list[Example]:
+    """Captioned images and text rows from folders, JSONL files and plain-text files (see the module docstring)."""
+    examples: list[Example] = []
+    for item in data:
+        path = Path(item)
+        if path.is_dir():
+            for image in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+                caption = image.with_suffix(".txt")
+                if not caption.exists():
+                    raise ValueError(f"{image} has no caption file {caption.name} next to it")
+                examples.append(Example(caption.read_text().strip(), image))
+            for jsonl in sorted(path.glob("*.jsonl")):
+                examples += _read_jsonl(jsonl)
+        elif path.suffix == ".jsonl" and path.exists():
+            examples += _read_jsonl(path)
+        else:
+            raise ValueError(f"--data {item}: expected a folder of images + .txt captions or a .jsonl file")
+    for item in text_files:
+        path = Path(item)
+        if not path.is_file():
+            raise ValueError(f"--text {item}: no such file")
+        examples += [Example(line.strip()) for line in path.read_text().splitlines() if line.strip()]
+    if not examples:
+        raise ValueError(f"no training examples found in --data {list(data)} / --text {list(text_files)}")
+    return examples
+
+
+class RowBuilder:
+    """Examples → model inputs, from the config's special ids (works for any tokenizer, converted ones included).
+
+    Image rows are `<|bos|> caption <|boi|> slots <|eoi|> <|eos|>`, or with probability `image_first_prob` the image
+    first (captioning); text rows `<|bos|> text <|eos|>`, cut to `max_text_tokens`."""
+
+    def __init__(self, tokenizer, config, image_first_prob: float = 0.2, max_text_tokens: int = 128, seed: int = 0):
+        from diffusers.image_processor import VaeImageProcessor
+
+        self.tokenizer, self.config = tokenizer, config
+        self.image_first_prob, self.max_text_tokens = image_first_prob, max_text_tokens
+        self.rng = random.Random(seed)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=True, resample="bicubic")
+        self._pixels: dict[Path, torch.Tensor] = {}
+
+    def pixels(self, path: Path) -> torch.Tensor:
+        if path not in self._pixels:
+            size = self.config.image_size
+            with PIL.Image.open(path) as image:
+                self._pixels[path] = self.image_processor.preprocess(image.convert("RGB"), height=size, width=size)[0]
+        return self._pixels[path]
+
+    def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+        c = self.config
+        rows, pixels = [], []
+        for ex in batch:
+            text = self.tokenizer(ex.text, add_special_tokens=False)["input_ids"][: self.max_text_tokens]
+            if ex.image is None:
+                rows.append([c.bos_token_id, *text, c.eos_token_id])
+                continue
+            image = [c.boi_token_id] + [c.image_token_id] * c.image_slots + [c.eoi_token_id]
+            first = self.rng.random() < self.image_first_prob
+            rows.append([c.bos_token_id, *(image + text if first else text + image), c.eos_token_id])
+            pixels.append(self.pixels(ex.image))
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), c.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention_mask[i, : len(row)] = 1
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if pixels:
+            batch["pixel_values"] = torch.stack(pixels)
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.finetune_lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--base", default=DEFAULT_BASE, help="pipeline or model folder to adapt (default: %(default)s)")
+    p.add_argument("--data", action="append", default=[], help="image folder or JSONL file (repeatable)")
+    p.add_argument("--text", action="append", default=[], help="plain-text file, one example per line (repeatable)")
+    p.add_argument("--output", default="runs/lora", help="adapter folder to write (default: %(default)s)")
+    g = p.add_argument_group("adapter")
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
+    g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r")
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    g.add_argument("--target-modules", default=",".join(DEFAULT_TARGETS), help="comma-separated layer names")
+    g.add_argument("--train-patch-modules", action="store_true",
+                   help=f"also train {', '.join(PATCH_MODULES)} in full (PEFT modules_to_save)")  # fmt: skip
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=400, help="optimizer steps (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate, linear warm-up then cosine to 10%%")
+    g.add_argument("--warmup-steps", type=int, default=20)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--image-first-prob", type=float, default=0.2, help="share of image rows that put the image first")
+    g.add_argument("--max-text-tokens", type=int, default=128)
+    g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=int(os.environ.get("TRANSFUSION_THREADS", "0")) or None,
+                   help="torch CPU threads (default: torch's choice)")  # fmt: skip
+    g.add_argument("--log-every", type=int, default=20)
+    return p
+
+
+def _lr_lambda(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(args) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    set_seed(args.seed)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    model, tokenizer = load_base(args.base)
+    examples = read_examples(args.data, args.text)
+    n_images = sum(ex.image is not None for ex in examples)
+    accelerator.print(f"{len(examples)} examples ({n_images} with images) from {args.data + args.text}")
+
+    model = add_lora(model, args.rank, args.alpha, args.dropout, args.target_modules, args.train_patch_modules)
+    trainable, total = model.get_nb_trainable_parameters()
+    accelerator.print(f"LoRA r={args.rank} on {args.target_modules}: {trainable:,} trainable of {total:,} parameters")
+
+    builder = RowBuilder(tokenizer, model.config, args.image_first_prob, args.max_text_tokens, args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    loader = DataLoader(examples, batch_size=args.batch_size, shuffle=True, collate_fn=builder, generator=generator,
+                        drop_last=len(examples) >= args.batch_size)  # fmt: skip
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_lambda(s, args.warmup_steps, args.steps))
+    model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
+
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    log = (output / "train_log.jsonl").open("w")
+    model.train()
+    step, started = 0, time.time()
+    sums = {"loss": 0.0, "lm_loss": 0.0, "diffusion_loss": 0.0, "n": 0}
+    progress = tqdm(total=args.steps, disable=not accelerator.is_local_main_process, desc="LoRA")
+    while step < args.steps:
+        for batch in loader:
+            out = model(**batch)
+            accelerator.backward(out.loss)
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(params, args.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            sums["n"] += 1
+            for key in ("loss", "lm_loss", "diffusion_loss"):
+                value = getattr(out, key)
+                sums[key] += float(value) if value is not None else 0.0
+            if step % args.log_every == 0 or step == args.steps:
+                record = {k: round(v / sums["n"], 5) for k, v in sums.items() if k != "n"}
+                record.update(step=step, lr=schedule.get_last_lr()[0], seconds=round(time.time() - started, 1))
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                progress.set_postfix(loss=record["loss"])
+                sums = dict.fromkeys(sums, 0.0) | {"n": 0}
+            progress.update()
+            if step >= args.steps:
+                break
+    progress.close()
+    log.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(output)
+        settings = {k: v for k, v in vars(args).items() if k != "command"}
+        (output / "finetune_args.json").write_text(json.dumps(settings, indent=2) + "\n")
+    accelerator.print(f"wrote the LoRA adapter to {output}/ (adapter_config.json, adapter_model.safetensors, "
+                      f"train_log.jsonl) in {time.time() - started:.0f} s")  # fmt: skip
+    return output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Concept experiment: a colour the shapes world never had
+# ----------------------------------------------------------------------------------------------------------------
+NEW_COLOUR = ("purple", (150, 50, 210))  # chromaticity far from red, green, blue and yellow
+
+
+def _concept_spec(rng: np.random.Generator, colour: str, kind: str | None = None):
+    """A placed scene with `colour` as the subject's colour (the shapes world's own templates and geometry: the
+    scene is placed as if red, then repainted). `kind`: single | relation | count (default: drawn 2:1:1).
+    Returns (caption, placed objects)."""
+    from dataclasses import replace
+
+    from training.data import COLOURS, RELATIONS, SHAPES, SceneSpec, place_objects
+
+    kind = kind or ("single", "single", "relation", "count")[rng.integers(4)]
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    if kind == "single":
+        spec = place_objects(rng, SceneSpec("single", "red", shape))
+        caption = f"a {colour} {shape}"
+    elif kind == "count":
+        count = int(rng.integers(2, 4))
+        spec = place_objects(rng, SceneSpec("count", "red", shape, count=count))
+        caption = f"{('two', 'three')[count - 2]} {colour} {shape}s"
+    else:
+        colour2 = tuple(COLOURS)[rng.integers(len(COLOURS))]
+        shape2 = SHAPES[rng.integers(len(SHAPES))]
+        relation = RELATIONS[rng.integers(len(RELATIONS))]
+        spec = place_objects(rng, SceneSpec("relation", "red", shape, relation=relation, colour2=colour2, shape2=shape2))
+        caption = f"a {colour} {shape} {relation} a {colour2} {shape2}"
+    objects = [replace(spec.objects[0], colour=colour)] + [
+        replace(o, colour=colour) if spec.kind == "count" else o for o in spec.objects[1:]
+    ]
+    return caption, objects
+
+
+def render_objects(objects, palette: dict) -> np.ndarray:
+    """Draw placed objects on black with `palette` colours, as `training.data.render_scene` does: uint8 (32, 32, 3)."""
+    from training.data import IMAGE_SIZE, shape_mask
+
+    image = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for obj in objects:
+        region = image[obj.y : obj.y + obj.size, obj.x : obj.x + obj.size]
+        region[shape_mask(obj.shape, obj.size)] = palette[obj.colour]
+    return image
+
+
+def render_concept(args) -> Path:
+    """Write a png + txt folder: `--count` scenes with the new colour and `--replay` ordinary training scenes."""
+    from training.data import COLOURS, shapes_images
+
+    name, rgb = NEW_COLOUR
+    palette = {**COLOURS, name: rgb}
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([args.seed, 7])
+    for i in range(args.count):
+        caption, objects = _concept_spec(rng, name)
+        PIL.Image.fromarray(render_objects(objects, palette)).save(out / f"{name}-{i:05d}.png")
+        (out / f"{name}-{i:05d}.txt").write_text(caption + "\n")
+    images, captions = shapes_images(args.replay, "train", seed=args.seed + 1000)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        PIL.Image.fromarray(image).save(out / f"replay-{i:05d}.png")
+        (out / f"replay-{i:05d}.txt").write_text(caption + "\n")
+    print(f"wrote {args.count} '{name}' scenes and {args.replay} replay scenes (png + txt) to {out}/")
+    return out
+
+
+def detect_colour_objects(image: np.ndarray, palette: dict, min_pixels: int = 12) -> list[tuple[str, str]]:
+    """(colour, shape) of the objects in a uint8 image, with the shapes world's detector rules over `palette`
+    (nearest chromaticity, bright cores, connected components, `training.detector.classify_shape`)."""
+    from scipy import ndimage
+
+    from training.detector import classify_shape
+
+    names = list(palette)
+    colours = np.array([palette[n] for n in names], dtype=np.float64)  # (K, 3)
+    chroma_ref = colours / colours.max(axis=1, keepdims=True)
+    rgb = np.asarray(image, dtype=np.float64)
+    brightness = rgb.max(axis=-1)  # (H, W)
+    chroma = rgb / np.maximum(brightness, 1.0)[..., None]
+    distance = np.linalg.norm(chroma[..., None, :] - chroma_ref, axis=-1)  # (H, W, K)
+    labels = np.where((brightness >= 60) & (distance.min(-1) <= 0.35), distance.argmin(-1), -1)
+    found = []
+    for k, name in enumerate(names):
+        components, _ = ndimage.label((labels == k) & (brightness >= 0.5 * colours[k].max()))
+        for i, box in enumerate(ndimage.find_objects(components), start=1):
+            mask = components[box] == i
+            if mask.sum() >= min_pixels:
+                found.append((name, classify_shape(mask)))
+    return found
+
+
+def _generate(pipe, prompts, steps, guidance, seed, batch=16) -> list[np.ndarray]:
+    images = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start : start + batch]
+        generator = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="np")
+        images += [(np.clip(x, 0, 1) * 255).round().astype(np.uint8) for x in out.images]
+    return images
+
+
+def concept_scores(pipe, per_prompt: int, steps: int, guidance: float, seed: int) -> dict:
+    """Scores on the new colour (generation and captioning) and on the old world (forgetting)."""
+    from training.data import COLOURS, SHAPES, heldout_prompts
+    from training.detector import detect, score_prompt
+
+    name, rgb = NEW_COLOUR
+    palette = {**COLOURS, name: rgb}
+    scores = {}
+    # new concept, text → image: "a purple {shape}"
+    prompts = [f"a {name} {s}" for s in SHAPES for _ in range(per_prompt)]
+    found = [detect_colour_objects(im, palette) for im in _generate(pipe, prompts, steps, guidance, seed)]
+    wanted = [p.split()[-1] for p in prompts]
+    scores["new_colour_present"] = float(np.mean([any(c == name for c, _ in f) for f in found]))
+    scores["new_colour_and_shape"] = float(np.mean([(name, s) in f for f, s in zip(found, wanted)]))
+    scores["new_prompt_count"] = len(prompts)
+    # new concept, image → text: captions of rendered single objects
+    rng = np.random.default_rng([seed, 11])
+    images, truths = [], []
+    for _ in range(3 * per_prompt):
+        caption, objects = _concept_spec(rng, name, kind="single")
+        images.append(PIL.Image.fromarray(render_objects(objects, palette)))
+        truths.append(caption)
+    captions = pipe.caption(images, max_new_tokens=8)
+    scores["new_caption_exact"] = float(np.mean([c == t for c, t in zip(captions, truths)]))
+    scores["new_caption_says_colour"] = float(np.mean([name in c for c in captions]))
+    # old concepts, text → image: the GenEval-style held-out prompts of the shapes world, scored by the detector
+    old = heldout_prompts(5 * per_prompt, seed=seed)
+    old_images = _generate(pipe, [p.caption for p in old], steps, guidance, seed + 10_000)
+    per_category: dict[str, list[bool]] = {}
+    for prompt, image in zip(old, old_images):
+        per_category.setdefault(prompt.category, []).append(score_prompt(prompt.spec, detect(image))[prompt.category])
+    scores |= {f"old_{k}": float(np.mean(v)) for k, v in sorted(per_category.items())}
+    scores["old_prompt_count"] = len(old)
+    return scores
+
+
+def evaluate_concept(args) -> dict:
+    from diffusers import DDIMScheduler
+
+    from pipelines import TransfusionPipeline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = TransfusionPipeline.from_pretrained(args.base)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    results = {"base": args.base, "adapter": args.adapter, "steps": args.steps, "guidance": args.guidance}
+    started = time.time()
+    results["before"] = concept_scores(pipe, args.per_prompt, args.steps, args.guidance, args.seed)
+    if args.adapter:
+        pipe.load_lora_weights(args.adapter)
+        results["after"] = concept_scores(pipe, args.per_prompt, args.steps, args.guidance, args.seed)
+    results["seconds"] = round(time.time() - started, 1)
+    print(json.dumps(results, indent=2))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return results
+
+
+def build_concept_parsers() -> dict[str, argparse.ArgumentParser]:
+    render = argparse.ArgumentParser(prog="python -m training.finetune_lora render-concept",
+                                     description=render_concept.__doc__)  # fmt: skip
+    render.add_argument("--output", default="runs/purple-data", help="folder to write (default: %(default)s)")
+    render.add_argument("--count", type=int, default=3000, help="scenes with the new colour")
+    render.add_argument("--replay", type=int, default=3000, help="ordinary training scenes mixed in against forgetting")
+    render.add_argument("--seed", type=int, default=0)
+    evaluate = argparse.ArgumentParser(prog="python -m training.finetune_lora evaluate-concept",
+                                       description=concept_scores.__doc__)  # fmt: skip
+    evaluate.add_argument("--base", default=DEFAULT_BASE, help="pipeline folder (default: %(default)s)")
+    evaluate.add_argument("--adapter", help="LoRA adapter folder; without it only the base model is scored")
+    evaluate.add_argument("--per-prompt", type=int, default=16, help="images per prompt / category (default: 16)")
+    evaluate.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    evaluate.add_argument("--guidance", type=float, default=3.0)
+    evaluate.add_argument("--seed", type=int, default=1234)
+    evaluate.add_argument("--threads", type=int)
+    evaluate.add_argument("--output", help="write the scores as JSON here")
+    return {"render-concept": render, "evaluate-concept": evaluate}
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = build_concept_parsers()
+    if argv and argv[0] in commands:
+        args = commands[argv[0]].parse_args(argv[1:])
+        return render_concept(args) if argv[0] == "render-concept" else evaluate_concept(args)
+    args = build_parser().parse_args(argv)
+    if not args.data and not args.text:
+        build_parser().error("give training data with --data and/or --text")
+    return train(args)
+
+
+if __name__ == "__main__":
+    main()
