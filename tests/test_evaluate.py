@@ -122,10 +122,11 @@ def test_frechet_distance_sanity():
 
 def test_balanced_indices_are_disjoint_and_balanced():
     _, labels = load_fashion_mnist("test")
-    even, odd = evaluate.balanced_indices(labels, 5, 0), evaluate.balanced_indices(labels, 3, 1)
-    assert not set(even) & set(odd)
-    assert np.bincount(labels[even], minlength=10).tolist() == [5] * 10
-    assert np.bincount(labels[odd], minlength=10).tolist() == [3] * 10
+    reference, samples = evaluate.balanced_indices(labels, 500, 0), evaluate.balanced_indices(labels, 500, 1)
+    assert not set(reference) & set(samples)
+    assert np.bincount(labels[reference], minlength=10).tolist() == [500] * 10
+    assert np.bincount(labels[samples], minlength=10).tolist() == [500] * 10
+    assert set(evaluate.balanced_indices(labels, 3, 1)) <= set(samples)
 
 
 def test_caption_class():

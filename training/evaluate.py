@@ -79,17 +79,18 @@ INVERSE_RELATION = {
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def balanced_indices(labels: np.ndarray, per_class: int, parity: int) -> np.ndarray:
-    """The first `per_class` indices of every class among the indices with `index % 2 == parity`, sorted.
-
-    Even test indices are the FD reference set; odd ones feed reconstructions, real-vs-real FD and captions."""
+def balanced_indices(labels: np.ndarray, per_class: int, half: int) -> np.ndarray:
+    """The first `per_class` test images of every class from one half of it, as sorted indices. Each class's images,
+    in index order, alternate between half 0 (the FD reference set) and half 1 (reconstructions, real-vs-real FD,
+    captions), so the halves are disjoint and hold 500 per class each."""
+    if half not in (0, 1):
+        raise ValueError(f"half={half}; expected 0 (reference) or 1 (samples)")
     labels = np.asarray(labels)
     picks = []
     for c in range(len(FASHION_CLASSES)):
-        idx = np.nonzero(labels == c)[0]
-        idx = idx[idx % 2 == parity][:per_class]
+        idx = np.nonzero(labels == c)[0][half::2][:per_class]
         if len(idx) < per_class:
-            raise ValueError(f"per_class={per_class}: only {len(idx)} test images of class {c} with parity {parity}")
+            raise ValueError(f"per_class={per_class}: class {c} has only {len(idx)} test images in half {half}")
         picks.append(idx)
     return np.sort(np.concatenate(picks))
 
@@ -278,20 +279,20 @@ def generate(pipe, prompts: list[str], args, stream: int, desc: str) -> torch.Te
 
 
 class FashionReference:
-    """Real Fashion-MNIST test images for the FD: the reference set (even indices, `per_class_reference` per class)
-    and its classifier features, computed once."""
+    """Real Fashion-MNIST test images for the FD: the reference set (half 0, `per_class_reference` per class) and its
+    classifier features, computed once."""
 
     def __init__(self, classifier, per_class_reference: int = 500):
         images, labels = load_fashion_mnist("test")
         self.images, self.labels = images, np.asarray(labels)
         self.classifier = classifier
-        ref = balanced_indices(self.labels, per_class_reference, parity=0)
+        ref = balanced_indices(self.labels, per_class_reference, half=0)
         self.n_reference = len(ref)
         self.features = classifier.embed(fashion_to_tensor(images[ref]))
 
     def real(self, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`per_class` real test images per class from the odd indices (disjoint from the reference) and labels."""
-        idx = balanced_indices(self.labels, per_class, parity=1)
+        """`per_class` real test images per class from half 1 (disjoint from the reference), and their labels."""
+        idx = balanced_indices(self.labels, per_class, half=1)
         return fashion_to_tensor(self.images[idx]), torch.from_numpy(self.labels[idx])
 
     def fd(self, x: torch.Tensor) -> float:
