@@ -397,9 +397,14 @@ def portable_model_hooks(accelerator) -> None:
 
 
 def read_log(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of log.jsonl; a line torn by a kill mid-write is skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def plot_losses(log_path: Path, png: Path) -> None:
@@ -452,6 +457,7 @@ def write_samples(model, tokenizer, png: Path, seed: int, prompts=SAMPLE_PROMPTS
     try:
         with torch.random.fork_rng(devices=[]):
             pipe = TransfusionPipeline(transformer=model, scheduler=scheduler_cls.from_config(config.scheduler_config()), tokenizer=tokenizer)
+            pipe.set_progress_bar_config(disable=True)
             generator = torch.Generator().manual_seed(seed)
             images = pipe(prompt=list(prompts), num_inference_steps=20, guidance_scale=3.0, generator=generator).images
     except Exception as err:
@@ -625,7 +631,7 @@ def train(args) -> dict:
             if schedule.horizon is not None and state.step >= schedule.horizon:
                 break
             t0 = time.perf_counter()
-            sums = torch.zeros(6, dtype=torch.float64)  # loss, lm, diffusion, #micro with images, #micro, tokens
+            sums = torch.zeros(7, dtype=torch.float64)  # loss, lm, diffusion, #micro with images, #micro, tokens, positions
             grad_norm = None
             lr = optimizer.param_groups[0]["lr"]
             for _ in range(grad_accum):
@@ -646,7 +652,7 @@ def train(args) -> dict:
                 has_images = out.diffusion_loss is not None
                 sums += torch.tensor([
                     out.loss.item(), out.lm_loss.item(), out.diffusion_loss.item() if has_images else 0.0,
-                    float(has_images), 1.0, float(batch["attention_mask"].sum()),
+                    float(has_images), 1.0, float(batch["attention_mask"].sum()), float(batch["attention_mask"].numel()),
                 ], dtype=torch.float64)  # fmt: skip
             if not accelerator.sync_gradients:
                 raise RuntimeError("gradient accumulation fell out of step with the optimizer steps")
@@ -672,6 +678,7 @@ def train(args) -> dict:
                     "grad_norm": None if grad_norm is None else float(grad_norm),
                     "tokens": int(totals[5]),
                     "tokens_per_s": float(totals[5] / step_s),
+                    "fill": float(totals[5] / totals[6]),  # non-padding share of the positions computed
                     "step_s": step_s,
                     "elapsed_s": state.train_seconds,
                 }

@@ -1,0 +1,261 @@
+"""The training script: a short run gives a loadable model, resuming continues the same loss curve, two processes
+match one with the same global batch, a killed run loses no step, a damaged checkpoint is named in the error.
+
+Single-process runs are called in-process (`training.train.main`), which saves the interpreter start; the
+multi-process and kill tests need real subprocesses.
+"""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TOKENIZER_TEXT
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from modeling_transfusion import TransfusionForCausalLM, TransfusionProcessor, build_tokenizer
+from training import train as train_script
+from training.collate import MicroBatchSampler, MixtureDataset, TransfusionCollator, parse_mix
+
+KEYS = ("loss", "lm_loss", "diffusion_loss", "lr")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny tokenizer and a tiny random VAE (32×32 → 8×8×4, the tiny preset's latent grid) on disk."""
+    root = tmp_path_factory.mktemp("train-assets")
+    build_tokenizer(TOKENIZER_TEXT, vocab_size=300).save_pretrained(root / "tokenizer")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+        block_out_channels=[8, 8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
+    )  # fmt: skip
+    vae.save_pretrained(root / "vae")
+    return root
+
+
+def flags(assets: Path, out: Path, *extra) -> list[str]:
+    """tiny-debug recipe at micro-batch 2: 6 steps, a checkpoint every 3; extra flags override."""
+    return [
+        "--config", str(ROOT / "training/configs/tiny-debug.yaml"),
+        "--tokenizer", str(assets / "tokenizer"), "--vae", str(assets / "vae"),
+        "--latent-cache", str(assets / "latents"), "--output-dir", str(out),
+        "--batch-size", "2", "--max-examples", "48", "--threads", "1", *extra,
+    ]  # fmt: skip
+
+
+def log_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    """One uninterrupted process: 6 steps of 2 micro-batches of 2 (global batch 4)."""
+    out = tmp_path_factory.mktemp("reference")
+    train_script.main(flags(assets, out, "--grad-accum", "2"))
+    return out
+
+
+def test_short_run_writes_a_loadable_model_and_finite_losses(reference):
+    log = log_of(reference)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    for r in log:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["lm_loss"]) and r["tokens_per_s"] > 0
+        assert r["diffusion_loss"] is None or math.isfinite(r["diffusion_loss"])
+    assert any(r["diffusion_loss"] is not None for r in log)
+    assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == ["step-3", "step-6"]
+    assert (reference / "loss.png").stat().st_size > 0
+
+    model = TransfusionForCausalLM.from_pretrained(reference / "final")
+    processor = TransfusionProcessor.from_pretrained(reference / "final")
+    saved = load_file(reference / "checkpoints/step-6/model.safetensors")  # the checkpoint holds the same weights
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0)
+    batch = processor([["a photo of a dress"]], add_eos=True, return_labels=True)
+    assert torch.isfinite(model(**batch).loss)
+
+
+def test_resume_continues_the_same_loss_curve_exactly(assets, reference, tmp_path):
+    out = tmp_path / "resumed"
+    train_script.main(flags(assets, out, "--grad-accum", "2", "--stop-at-step", "3"))
+    assert [r["step"] for r in log_of(out)] == [1, 2, 3]
+    train_script.main(flags(assets, out, "--grad-accum", "2", "--resume"))
+    resumed, straight = log_of(out), log_of(reference)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(resumed[3:], straight[3:]):
+        assert {k: a[k] for k in KEYS} == {k: b[k] for k in KEYS}, a["step"]
+
+
+def test_existing_run_needs_resume_and_damaged_checkpoint_is_named(assets, reference, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(flags(assets, reference))  # checkpoints there, no --resume
+    assert exit_info.value.code == 2 and "--resume" in capsys.readouterr().err
+
+    import shutil
+
+    out = tmp_path / "damaged"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    weights = out / "checkpoints/step-6/model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 8] = b"\xff" * 8  # same size, different bytes
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(flags(assets, out, "--resume"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert str(weights) in err and "corrupted" in err and "Traceback" not in err
+
+    (out / "checkpoints/step-6/manifest.json").unlink()
+    with pytest.raises(SystemExit):
+        train_script.main(flags(assets, out, "--resume"))
+    assert "manifest.json" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_without_losing_a_step(assets, reference, tmp_path):
+    """SIGKILL a run (checkpoint every step) once it has logged step 3; the resumed run redoes whatever the kill cut
+    off and ends with the reference curve, every step logged once. If the kill lands after the end (a slow machine
+    polls late) the resume is a no-op and the check still holds."""
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "training.train", *flags(assets, out, "--grad-accum", "2", "--save-every", "1")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        log = out / "log.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait(timeout=120)
+    assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read().decode()[-2000:]
+    train_script.main(flags(assets, out, "--grad-accum", "2", "--resume"))
+    resumed, straight = log_of(out), log_of(reference)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(resumed, straight):
+        assert {k: a[k] for k in KEYS} == {k: b[k] for k in KEYS}, a["step"]
+    assert not list((out / "checkpoints").glob("*.tmp"))
+
+
+def _env() -> dict:
+    return {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(assets, reference, tmp_path):
+    """2 processes × micro-batch 2 × accumulation 1 == 1 process × micro-batch 2 × accumulation 2."""
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "training.train", *flags(assets, out, "--grad-accum", "1")]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "run.json").read_text())["processes"] == 2
+    multi, single = log_of(out), log_of(reference)
+    assert [r["step"] for r in multi] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(multi, single):
+        assert a["tokens"] == b["tokens"]
+        for key in KEYS:
+            assert (a[key] is None) == (b[key] is None)
+            if a[key] is not None:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    ddp, one = load_file(out / "final/model.safetensors"), load_file(reference / "final/model.safetensors")
+    for name in one:
+        torch.testing.assert_close(ddp[name], one[name], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The example stream and the collator
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _toy_dataset(seed=0, mix="fashion=0.4,shapes=0.4,text=0.2"):
+    from training.collate import ImageSource
+
+    images = {
+        name: ImageSource(name, torch.randn(10, 4, 8, 8), [f"a photo of a {name} {i}" for i in range(10)])
+        for name in ("fashion", "shapes")
+    }
+    texts = [" ".join(f"word{i}" for i in range(n)) for n in (5, 80, 200)]
+    return MixtureDataset(images, texts, mix, image_first_prob=0.2, seed=seed)
+
+
+def test_stream_is_deterministic_and_follows_the_mixture():
+    a, b, c = _toy_dataset(0), _toy_dataset(0), _toy_dataset(1)
+    kinds = [a[i]["kind"] for i in range(4000)]
+    assert kinds == [b[i]["kind"] for i in range(4000)] and kinds != [c[i]["kind"] for i in range(4000)]
+    assert a[12345]["text"] == b[12345]["text"]  # random access, no replay
+    share = {k: kinds.count(k) / len(kinds) for k in ("caption_image", "image_caption", "text")}
+    assert share["text"] == pytest.approx(0.2, abs=0.03)
+    assert share["image_caption"] / (1 - share["text"]) == pytest.approx(0.2, abs=0.03)
+    text_only = _toy_dataset(0, "text=1")
+    assert all(text_only[i]["kind"] == "text" for i in range(200))
+    with pytest.raises(ValueError, match="unknown mixture source"):
+        parse_mix("fashion=1,mnist=1")
+
+
+def test_micro_batches_of_w_processes_times_a_equal_one_process_times_wa():
+    def take(sampler, n):
+        it = iter(sampler)
+        return [next(it) for _ in range(n)]
+
+    one = take(MicroBatchSampler(3, grad_accum=4), 8)  # two optimizer steps
+    two = [take(MicroBatchSampler(3, grad_accum=2, num_processes=2, process_index=r), 4) for r in range(2)]
+    # step s, accumulation a on process r is micro-batch (s·A + a)·W + r
+    interleaved = [two[r][s * 2 + a] for s in range(2) for a in range(2) for r in range(2)]
+    assert interleaved == one
+    assert take(MicroBatchSampler(3, grad_accum=4, start_step=1), 4) == one[4:]
+
+
+def test_collator_lays_out_rows_and_cuts_long_text(tokenizer):
+    from conftest import tiny_config
+
+    processor = TransfusionProcessor.from_model_config(tokenizer, tiny_config())
+    ids = processor.special_ids
+    ds = _toy_dataset(0)
+    examples = [ds[i] for i in range(64)]
+    batch = TransfusionCollator(processor, max_text_tokens=12)(examples)
+    n_images = sum(e["kind"] != "text" for e in examples)
+    assert batch["image_latents"].shape == (n_images, 4, 8, 8)
+    assert batch["example_index"].tolist() == list(range(64))
+    for row, ex, mask, labels in zip(batch["input_ids"], examples, batch["attention_mask"], batch["labels"]):
+        row = row[mask.bool()].tolist()
+        assert row[0] == ids["bos"]
+        assert (labels[~mask.bool()] == -100).all()
+        if ex["kind"] == "text":
+            assert len(row) <= 12 and ids["boi"] not in row
+        else:
+            assert row.count(ids["image"]) == 16 and row[-1] == ids["eos"]
+            first = ex["kind"] == "image_caption"
+            assert (row[1] == ids["boi"]) == first
+
+
+def test_help_and_config_file_errors(tmp_path, capsys):
+    assert "--resume" in train_script.build_parser().format_help()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch_size: 4\nnot_a_flag: 1\n")
+    with pytest.raises(SystemExit):
+        train_script.parse_args(["--config", str(bad)])
+    assert "not_a_flag" in capsys.readouterr().err
+    good = tmp_path / "good.yaml"
+    good.write_text("batch-size: 4\nlr: 0.01\n")
+    args = train_script.parse_args(["--config", str(good), "--lr", "0.02"])
+    assert (args.batch_size, args.lr) == (4, 0.02)
+
+
+def test_schedule_warms_up_then_decays_to_a_twentieth():
+    s = train_script.WarmupCosine(warmup=10, horizon=110, final=0.05)
+    assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)
+    assert s(60) == pytest.approx(0.525) and s(110) == pytest.approx(0.05) and s(500) == pytest.approx(0.05)
