@@ -120,6 +120,18 @@ def test_qwen2_converts_with_q_k_v_biases(tmp_path, source_tokenizer):
     assert_same_text_logits(source, model, len(source_tokenizer))
 
 
+def test_mistral_without_sliding_window_converts(tmp_path, source_tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(source_tokenizer), num_key_value_heads=2, sliding_window=None, **SMALL)
+    source = MistralForCausalLM(config).eval()
+    model, _, _ = llama_conv.convert(save_source(tmp_path / "mistral", source, source_tokenizer))
+    assert_same_text_logits(source, model, len(source_tokenizer))
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        llama_conv.check_source_config(MistralConfig(sliding_window=64, **SMALL))
+
+
 def test_unsupported_sources_are_refused(tmp_path, source_tokenizer):
     qwen3 = Qwen3Config(vocab_size=len(source_tokenizer), num_key_value_heads=2, **SMALL)
     with pytest.raises(ValueError, match="q_norm/k_norm"):

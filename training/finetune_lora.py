@@ -317,7 +317,7 @@ def train(args) -> Path:
             sums["n"] += 1
             for key in ("loss", "lm_loss", "diffusion_loss"):
                 value = getattr(out, key)
-                sums[key] += float(value) if value is not None else 0.0
+                sums[key] += float(value.detach()) if value is not None else 0.0
             if step % args.log_every == 0 or step == args.steps:
                 record = {k: round(v / sums["n"], 5) for k, v in sums.items() if k != "n"}
                 record.update(step=step, lr=schedule.get_last_lr()[0], seconds=round(time.time() - started, 1))
@@ -479,6 +479,25 @@ def concept_scores(pipe, per_prompt: int, steps: int, guidance: float, seed: int
     return scores
 
 
+def vae_roundtrip_scores(model, n: int, seed: int) -> dict:
+    """The ceiling for generation: how often the new colour and the shape survive the VAE (encode → decode) of
+    rendered single objects; `rendered` checks the detector on the renderings themselves."""
+    from training.data import COLOURS, rgb_to_tensor, tensor_to_rgb
+
+    name, rgb = NEW_COLOUR
+    palette = {**COLOURS, name: rgb}
+    rng = np.random.default_rng([seed, 13])
+    scenes = [_concept_spec(rng, name, kind="single")[1] for _ in range(n)]
+    images = np.stack([render_objects(objects, palette) for objects in scenes])
+    with torch.no_grad():
+        decoded = tensor_to_rgb(model.decode_latents(model.encode_images(rgb_to_tensor(images))))
+    wanted = [(name, objects[0].shape) for objects in scenes]
+    return {
+        "rendered": float(np.mean([w in detect_colour_objects(im, palette) for w, im in zip(wanted, images)])),
+        "vae_decoded": float(np.mean([w in detect_colour_objects(im, palette) for w, im in zip(wanted, decoded)])),
+    }
+
+
 def evaluate_concept(args) -> dict:
     from diffusers import DDIMScheduler
 
@@ -486,11 +505,13 @@ def evaluate_concept(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = TransfusionPipeline.from_pretrained(args.base)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    model, tokenizer = load_base(args.base)
+    scheduler = DDIMScheduler.from_config(model.config.scheduler_config())
+    pipe = TransfusionPipeline(transformer=model.eval(), scheduler=scheduler, tokenizer=tokenizer)
     pipe.set_progress_bar_config(disable=True)
     results = {"base": args.base, "adapter": args.adapter, "steps": args.steps, "guidance": args.guidance}
     started = time.time()
+    results["vae_roundtrip"] = vae_roundtrip_scores(model, 3 * args.per_prompt, args.seed)
     results["before"] = concept_scores(pipe, args.per_prompt, args.steps, args.guidance, args.seed)
     if args.adapter:
         pipe.load_lora_weights(args.adapter)
@@ -513,7 +534,7 @@ def build_concept_parsers() -> dict[str, argparse.ArgumentParser]:
     render.add_argument("--seed", type=int, default=0)
     evaluate = argparse.ArgumentParser(prog="python -m training.finetune_lora evaluate-concept",
                                        description=concept_scores.__doc__)  # fmt: skip
-    evaluate.add_argument("--base", default=DEFAULT_BASE, help="pipeline folder (default: %(default)s)")
+    evaluate.add_argument("--base", default=DEFAULT_BASE, help="pipeline or model folder (default: %(default)s)")
     evaluate.add_argument("--adapter", help="LoRA adapter folder; without it only the base model is scored")
     evaluate.add_argument("--per-prompt", type=int, default=16, help="images per prompt / category (default: 16)")
     evaluate.add_argument("--steps", type=int, default=25, help="DDIM steps")
