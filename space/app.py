@@ -1,0 +1,617 @@
+"""Transfusion Space: text → image, image → text and a chat whose replies can hold images, from one model.
+
+    python space/app.py                                  # the bundled checkpoints/transfusion-tiny on 127.0.0.1:7860
+    python space/app.py --model PATH_OR_HUB_ID --host 0.0.0.0 --port 7861 --concurrency 2
+    TRANSFUSION_MODEL=user/transfusion-tiny python space/app.py
+
+As a Hugging Face Space (this folder is then the Space's repository root) the model is `checkpoints/transfusion-tiny`
+next to app.py, or the folder or Hub id in the `TRANSFUSION_MODEL` variable; see README.md.
+
+API (gradio_client): `/generate`, `/caption` and `/chat`. Inputs reach the handlers unprocessed (`preprocess=False`)
+so that every bad value — from the UI or the API — gets a message naming it and its accepted range.
+
+Every model call borrows one of N light copies of the pipeline (shared weights; own scheduler and tokenizer, because
+a scheduler keeps per-run state and a fast tokenizer refuses concurrent use), N being the queue's concurrency limit.
+"""
+
+import argparse
+import copy
+import math
+import os
+import queue
+import secrets
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
+from PIL import ImageOps
+
+APP_DIR = Path(__file__).resolve().parent
+# In the repository the app sits in space/ beside the `pipelines` package; as a Space, its folder is the root.
+ROOT = APP_DIR.parent if (APP_DIR.parent / "pipelines").is_dir() else APP_DIR
+DEFAULT_MODEL = ROOT / "checkpoints" / "transfusion-tiny"
+
+MAX_STEPS, MAX_GUIDANCE, MAX_IMAGES = 250, 20.0, 8
+MAX_SIDE, MAX_UPLOAD_MB = 4096, 20
+MAX_NEW_TOKENS, MAX_CHAT_IMAGES, MAX_TEMPERATURE = 256, 4, 2.0
+MAX_SEED = 2**31 - 1
+EXAMPLES = (
+    "a photo of a dress",
+    "a photo of a sneaker",
+    "a red circle",
+    "two blue triangles",
+    "a green circle to the left of a red square",
+)
+# Dropdown name → (scheduler class, overrides), built from the checkpoint's own scheduler config.
+SCHEDULERS = {
+    "DDIM": (DDIMScheduler, {}),
+    "DPM-Solver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "DDPM": (DDPMScheduler, {}),
+    "Euler": (EulerDiscreteScheduler, {}),
+}
+FLOW_SCHEDULERS = {"Euler": (FlowMatchEulerDiscreteScheduler, {})}
+# Training images (Fashion-MNIST, shapes world) have black backgrounds: transparency and padding become black.
+BACKGROUND = (0, 0, 0)
+CSS = """
+#gallery img, #chatbot img, #caption-image img { image-rendering: pixelated; }
+#chatbot .message img { width: 128px; height: 128px; object-fit: contain; }
+#caption-image img { width: 256px; height: 256px; object-fit: contain; }
+"""
+
+
+class RunCancelled(Exception):
+    """Raised from the step callback when the event that started a run was cancelled."""
+
+
+# -- loading -------------------------------------------------------------------------------------------------------
+def resolve_model(model: str | Path | None = None) -> str:
+    """`--model`, else `TRANSFUSION_MODEL`, else the bundled checkpoint."""
+    return str(model or os.environ.get("TRANSFUSION_MODEL") or DEFAULT_MODEL)
+
+
+def load_pipeline(model: str | Path | None = None, device: str | None = None):
+    """Load a saved TransfusionPipeline folder, a bare model folder (as training writes it) or a Hub id; a clear error
+    when there is none."""
+    name = resolve_model(model)
+    path = Path(name).expanduser()
+    is_hub_id = not path.exists() and not path.is_absolute() and name.count("/") == 1 and not name.startswith(".")
+    if not path.exists() and not is_hub_id:
+        raise SystemExit(
+            f"No Transfusion checkpoint at {path}.\n"
+            "Train one with `python -m training.train --config training/configs/transfusion-tiny.yaml` (its model "
+            "folder, runs/transfusion-tiny/final, loads with --model too) and save it there as a TransfusionPipeline, "
+            "or point --model / TRANSFUSION_MODEL at a saved pipeline folder or a Hub id (owner/name)."
+        )
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    try:
+        from pipelines import TransfusionPipeline  # the repository's code (importing it registers the model classes)
+    except ImportError:  # a Space without the repository: the pipeline code saved with the checkpoint
+        TransfusionPipeline = None
+    if path.exists() and not (path / "model_index.json").is_file():
+        if TransfusionPipeline is None or not (path / "config.json").is_file():
+            raise SystemExit(f"{path} is not a saved TransfusionPipeline: it has no model_index.json")
+        pipe = pipeline_from_model_folder(TransfusionPipeline, path)
+    elif TransfusionPipeline is None:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else name, trust_remote_code=True)
+    else:
+        try:
+            pipe = TransfusionPipeline.from_pretrained(str(path) if path.exists() else name)
+        except OSError as err:
+            raise SystemExit(f"Could not load {name!r} as a local folder or from the Hub: {err}") from err
+    pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_from_model_folder(pipeline_class, path: Path):
+    """A pipeline around a transformers model folder: its tokenizer, and its training noise schedule sampled with
+    DDIM (or flow-matching Euler)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    config = model.config.scheduler_config()
+    scheduler_class = FlowMatchEulerDiscreteScheduler if "FlowMatch" in config["_class_name"] else DDIMScheduler
+    return pipeline_class(
+        transformer=model, scheduler=scheduler_class.from_config(config), tokenizer=AutoTokenizer.from_pretrained(path)
+    )
+
+
+class PipelinePool:
+    """`size` copies of one pipeline sharing its weights, each with its own scheduler and tokenizer."""
+
+    def __init__(self, pipe, size: int):
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(size):
+            view = type(pipe)(
+                transformer=pipe.transformer,
+                scheduler=copy.deepcopy(pipe.scheduler),
+                tokenizer=copy.deepcopy(pipe.tokenizer),
+            )
+            view.set_progress_bar_config(disable=True)
+            self.free.put(view)
+
+    @contextmanager
+    def borrow(self, timeout: float = 600.0):
+        try:
+            view = self.free.get(timeout=timeout)
+        except queue.Empty:
+            raise gr.Error("The model is busy; try again in a minute.") from None
+        try:
+            yield view
+        finally:
+            self.free.put(view)
+
+
+# -- input checks ----------------------------------------------------------------------------------------------------
+def check_number(value, name: str, low: float, high: float, integer: bool = False):
+    """A raw UI/API value → int or float in [low, high], or a gr.Error naming the value and the range."""
+    kind = "a whole number" if integer else "a number"
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or (integer and number != int(number)):
+        raise gr.Error(f"{name} must be {kind} from {low:g} to {high:g}, got {value!r}.")
+    if not low <= number <= high:
+        raise gr.Error(f"{name} must be from {low:g} to {high:g}, got {number:g}.")
+    return int(number) if integer else number
+
+
+def check_text(value, name: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise gr.Error(f"{name} must be text, got {type(value).__name__}.")
+    return " ".join(value.split())
+
+
+def upload_path(file) -> str | None:
+    """A FileData dict (unprocessed input) or a plain path."""
+    return file.get("path") if isinstance(file, dict) else file
+
+
+def to_model_image(image: PIL.Image.Image, size: int) -> tuple[PIL.Image.Image, str]:
+    """Any PIL image → RGB `size`×`size` (aspect kept, padded), and a note of what was done."""
+    source = f"{image.width}×{image.height} {image.mode}"
+    image = ImageOps.exif_transpose(image)
+    steps = []
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit / float: stretch to 8 bits
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        image = PIL.Image.fromarray(((values - low) / ((high - low) or 1.0) * 255).round().astype(np.uint8), "L")
+        steps.append("values rescaled to 8 bits")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", image.size, (*BACKGROUND, 255)), image.convert("RGBA"))
+        steps.append("transparency on black")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (size, size):
+        if image.width != image.height:
+            steps.append("padded to a square")
+        image = ImageOps.pad(image, (size, size), method=PIL.Image.Resampling.LANCZOS, color=BACKGROUND)
+    if source == f"{size}×{size} RGB":
+        return image, f"{source}, used as is"
+    return image, f"{source} → {size}×{size} RGB" + (f" ({', '.join(steps)})" if steps else "")
+
+
+def read_image(file, size: int) -> tuple[PIL.Image.Image, str]:
+    """An uploaded file → a model-ready image and a note, or a gr.Error saying why it cannot be read."""
+    path = upload_path(file)
+    if not path:
+        raise gr.Error("Upload an image first.")
+    try:
+        megabytes = os.path.getsize(path) / 2**20
+    except OSError:
+        raise gr.Error("The uploaded file is no longer on the server; upload it again.") from None
+    if megabytes > MAX_UPLOAD_MB:
+        raise gr.Error(f"The upload is {megabytes:.1f} MB; the limit is {MAX_UPLOAD_MB} MB.")
+    try:
+        with PIL.Image.open(path) as image:  # reads the header only: the size is checked before decoding
+            if max(image.size) > MAX_SIDE:
+                raise gr.Error(f"The image is {image.width}×{image.height} px; the limit is {MAX_SIDE} px per side.")
+            image.load()
+            return to_model_image(image, size)
+    except gr.Error:
+        raise
+    except Exception as err:  # a user's file can fail in many ways (truncated, not an image, decompression bomb)
+        raise gr.Error(
+            f"Could not read the upload as an image ({type(err).__name__}: {err}). Upload a PNG, JPEG, WebP, GIF "
+            "or BMP file."
+        ) from None
+
+
+def stream_run(pool: PipelinePool, run, preview_every: int):
+    """Run `run(pipe, callback)` on a worker thread with a borrowed pipeline. Yields `("step", i, total, previews)`
+    after each denoising step (`previews` decoded from the latents every `preview_every` steps, else None), then
+    `("done", result)`. Closing the generator (a cancelled event) stops the run at its next step."""
+    events: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def callback(pipe, i, t, tensors):
+        if stop.is_set():
+            raise RunCancelled()
+        total = getattr(pipe, "_num_timesteps", None) or i + 1
+        due = (i + 1) % preview_every == 0 and i + 1 < total
+        events.put(("step", i + 1, total, pipe.postprocess(tensors["latents"]) if due else None))
+        return {}
+
+    def worker():
+        try:
+            with pool.borrow() as pipe:
+                events.put(("done", run(pipe, callback)))
+        except BaseException as err:  # handed to the consumer, which re-raises it in the request
+            events.put(("error", err))
+
+    threading.Thread(target=worker, daemon=True).start()
+    try:
+        while True:
+            event = events.get()
+            if event[0] == "error":
+                error = event[1]
+                if isinstance(error, ValueError) and not isinstance(error, gr.Error):
+                    raise gr.Error(str(error)) from error
+                raise error
+            yield event
+            if event[0] == "done":
+                return
+    finally:
+        stop.set()
+
+
+# -- the app ---------------------------------------------------------------------------------------------------------
+class TransfusionSpace:
+    """Handlers of the three tabs around one loaded pipeline."""
+
+    def __init__(self, pipe, concurrency: int = 2):
+        self.pipe = pipe
+        self.config = pipe.transformer.config
+        self.pool = PipelinePool(pipe, concurrency)
+        self.concurrency = concurrency
+        self.tokenizer_lock = threading.Lock()  # the base pipeline's tokenizer only counts tokens
+        self.image_dir = Path(tempfile.mkdtemp(prefix="transfusion-space-"))
+        flow = getattr(self.config, "diffusion_type", "ddpm") == "flow_matching"
+        self.schedulers = FLOW_SCHEDULERS if flow else SCHEDULERS
+        loaded = type(pipe.scheduler).__name__
+        by_class = {cls.__name__: name for name, (cls, _) in self.schedulers.items()}
+        self.default_scheduler = by_class.get(loaded, next(iter(self.schedulers)))
+        self.default_steps = int(pipe.scheduler.config.get("default_inference_steps") or 25)
+        self.image_cost = self.config.image_slots + 2  # <|boi|> slots <|eoi|>
+
+    # helpers
+    def count_tokens(self, text: str) -> int:
+        with self.tokenizer_lock:
+            return len(self.pipe.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    def make_scheduler(self, name: str):
+        cls, overrides = self.schedulers[name]
+        return cls.from_config(self.pipe.scheduler.config, **overrides)
+
+    def check_prompt_length(self, text: str, name: str) -> None:
+        limit = self.config.max_position_embeddings - self.image_cost - 1
+        n = self.count_tokens(text)
+        if n > limit:
+            raise gr.Error(f"{name} is {n} tokens long; this model takes at most {limit}.")
+
+    def save_image(self, image: PIL.Image.Image) -> str:
+        path = self.image_dir / f"{uuid.uuid4().hex}.png"
+        image.save(path)
+        return str(path)
+
+    def seed(self, value) -> int:
+        seed = check_number(value, "Seed", -1, MAX_SEED, integer=True)
+        return secrets.randbelow(MAX_SEED + 1) if seed == -1 else seed
+
+    # text → image
+    def generate(self, prompt, negative_prompt, steps, guidance, seed, scheduler, num_images, progress=gr.Progress()):
+        prompt = check_text(prompt, "Prompt")
+        if not prompt:
+            raise gr.Error("Enter a prompt, e.g. 'a red circle'.")
+        negative_prompt = check_text(negative_prompt, "Negative prompt")
+        steps = check_number(steps, "Steps", 1, MAX_STEPS, integer=True)
+        guidance = check_number(guidance, "Guidance scale", 0, MAX_GUIDANCE)
+        num_images = check_number(num_images, "Number of images", 1, MAX_IMAGES, integer=True)
+        if scheduler not in self.schedulers:
+            raise gr.Error(f"Scheduler must be one of {', '.join(self.schedulers)}, got {scheduler!r}.")
+        self.check_prompt_length(prompt, "The prompt")
+        self.check_prompt_length(negative_prompt, "The negative prompt")
+        seed = self.seed(seed)
+
+        def run(pipe, callback):
+            pipe.scheduler = self.make_scheduler(scheduler)
+            return pipe(
+                prompt,
+                negative_prompt=negative_prompt or None,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                num_images_per_prompt=num_images,
+                generator=torch.Generator().manual_seed(seed),
+                callback_on_step_end=callback,
+            ).images
+
+        started = time.perf_counter()
+        progress(0, desc="Encoding the prompt")
+        for event in stream_run(self.pool, run, preview_every=max(1, steps // 8)):
+            if event[0] == "step":
+                _, i, total, previews = event
+                progress((i, total), desc="Denoising", unit="steps")
+                if previews is not None:
+                    yield previews, f"Denoising… step {i}/{total}"
+            else:
+                images = event[1]
+        seconds = time.perf_counter() - started
+        noun = "image" if num_images == 1 else "images"
+        yield images, (
+            f"{num_images} {noun} in {seconds:.1f} s · {scheduler}, {steps} steps, guidance {guidance:g}, seed {seed}"
+        )
+
+    # image → text
+    def caption(self, image, prompt, max_new_tokens):
+        picture, note = read_image(image, self.config.image_size)
+        prompt = check_text(prompt, "Text prefix")
+        max_new_tokens = check_number(max_new_tokens, "Max new tokens", 1, MAX_NEW_TOKENS, integer=True)
+        self.check_prompt_length(prompt, "The text prefix")
+        with self.pool.borrow() as pipe:
+            text = pipe.caption(picture, prompt=prompt or None, max_new_tokens=max_new_tokens)[0]
+        return f"{prompt} {text}".strip(), note
+
+    # chat
+    def conversation_items(self, history: list, user_items: list, budget: int) -> list:
+        """The conversation as one stream of text and images (the model has no chat template), oldest parts dropped
+        so that it fits in `budget` positions."""
+        items = []
+        for message in history:
+            content = message.get("content") if isinstance(message, dict) else None
+            for part in content if isinstance(content, list) else [content]:
+                if isinstance(part, str):
+                    items.append(part)
+                elif isinstance(part, dict) and part.get("type") == "text":
+                    items.append(part.get("text", ""))
+                elif isinstance(part, dict) and (part.get("type") == "file" or "path" in part):
+                    try:
+                        items.append(read_image(part.get("file", part), self.config.image_size)[0])
+                    except gr.Error:
+                        pass  # an earlier image that is gone or unreadable is left out of the context
+        merged = []
+        for item in items + user_items:
+            if isinstance(item, str) and merged and isinstance(merged[-1], str):
+                merged[-1] = f"{merged[-1]} {item}"
+            elif not (isinstance(item, str) and not item.strip()):
+                merged.append(item)
+        kept, used = [], 0
+        for item in reversed(merged):
+            cost = self.count_tokens(item) if isinstance(item, str) else self.image_cost
+            if used + cost > budget:
+                break
+            kept.append(item)
+            used += cost
+        return kept[::-1]
+
+    def chat(
+        self,
+        message,
+        history,
+        max_new_tokens,
+        max_images,
+        steps,
+        guidance,
+        temperature,
+        seed,
+        progress=gr.Progress(),
+    ):
+        message = message if isinstance(message, dict) else {"text": message, "files": []}
+        text = check_text(message.get("text"), "Message")
+        files = list(message.get("files") or [])
+        if not text and not files:
+            raise gr.Error("Type a message or attach an image.")
+        max_new_tokens = check_number(max_new_tokens, "Max new tokens", 1, MAX_NEW_TOKENS, integer=True)
+        max_images = check_number(max_images, "Images per reply", 0, MAX_CHAT_IMAGES, integer=True)
+        steps = check_number(steps, "Steps", 1, MAX_STEPS, integer=True)
+        guidance = check_number(guidance, "Guidance scale", 0, MAX_GUIDANCE)
+        temperature = check_number(temperature, "Temperature", 0, MAX_TEMPERATURE)
+        seed = self.seed(seed)
+        if not isinstance(history, list):
+            raise gr.Error("The chat history must be a list of messages.")
+        pictures = [read_image(f, self.config.image_size)[0] for f in files]
+        budget = self.config.max_position_embeddings - 1 - max_new_tokens - max_images * self.image_cost
+        if budget < sum(self.image_cost for _ in pictures) + (self.count_tokens(text) if text else 0):
+            raise gr.Error(
+                f"The message does not fit in this model's {self.config.max_position_embeddings} positions with "
+                f"{max_new_tokens} new tokens and {max_images} images; shorten it or lower those settings."
+            )
+        items = self.conversation_items(history, [*pictures, text], budget)
+
+        user = {"role": "user", "content": [*({"path": upload_path(f)} for f in files), *([text] if text else [])]}
+        history = [*history, user]
+        yield [*history, {"role": "assistant", "content": "…"}], None
+
+        def run(pipe, callback):
+            pipe.scheduler = self.make_scheduler(self.default_scheduler)
+            return pipe.generate_interleaved(
+                items,
+                max_new_tokens=max_new_tokens,
+                max_images=max_images,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                temperature=temperature,
+                generator=torch.Generator().manual_seed(seed),
+                callback_on_step_end=callback,
+            ).items
+
+        progress(0, desc="Writing")
+        image_number = 0
+        for event in stream_run(self.pool, run, preview_every=max(1, steps // 4)):
+            if event[0] == "step":
+                _, i, total, previews = event
+                image_number += i == 1
+                progress((i, total), desc=f"Drawing image {image_number}", unit="steps")
+                if previews is not None:
+                    preview = {"path": self.save_image(previews[0])}
+                    draft = [f"Drawing image {image_number}… step {i}/{total}", preview]
+                    yield [*history, {"role": "assistant", "content": draft}], None
+            else:
+                reply = [
+                    part.strip() if isinstance(part, str) else {"path": self.save_image(part)}
+                    for part in event[1]
+                    if not isinstance(part, str) or part.strip()
+                ]
+        yield [*history, {"role": "assistant", "content": reply or "(the model gave an empty reply)"}], None
+
+
+def build_demo(pipe, concurrency: int = 2, model_name: str | None = None) -> gr.Blocks:
+    """The Blocks app around a loaded pipeline, queued with `concurrency` model calls at a time."""
+    space = TransfusionSpace(pipe, concurrency)
+    c = space.config
+    params = sum(p.numel() for p in pipe.transformer.parameters()) / 1e6
+    model_name = model_name or pipe.config.get("_name_or_path") or "a Transfusion model"
+    limits = {"concurrency_limit": concurrency, "concurrency_id": "model", "preprocess": False}
+
+    with gr.Blocks(title="Transfusion", analytics_enabled=False) as demo:
+        gr.Markdown(
+            "# Transfusion\nOne transformer that writes text token by token and draws images by diffusion. "
+            f"Model: `{model_name}` · {params:.1f}M parameters · {c.image_size}×{c.image_size} images · "
+            f"{pipe.device.type}"
+        )
+        with gr.Tab("Text → image"):
+            with gr.Row():
+                with gr.Column():
+                    prompt = gr.Textbox(label="Prompt", placeholder="a red circle", elem_id="prompt")
+                    negative = gr.Textbox(label="Negative prompt", placeholder="optional", elem_id="negative-prompt")
+                    with gr.Row():
+                        steps = gr.Slider(1, MAX_STEPS, value=space.default_steps, step=1, label="Steps")
+                        guidance = gr.Slider(0, MAX_GUIDANCE, value=3.0, step=0.1, label="Guidance scale")
+                    with gr.Row():
+                        scheduler = gr.Dropdown(
+                            list(space.schedulers), value=space.default_scheduler, label="Scheduler"
+                        )
+                        num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images")
+                    seed = gr.Number(0, label="Seed (-1: random)", precision=0, minimum=-1, maximum=MAX_SEED)
+                    with gr.Row():
+                        generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                        stop_btn = gr.Button("Stop", variant="stop")
+                with gr.Column():
+                    gallery = gr.Gallery(
+                        label="Images", columns=4, height=360, object_fit="contain", format="png", elem_id="gallery"
+                    )
+                    status = gr.Markdown(elem_id="generate-status")
+            gr.Examples([[e] for e in EXAMPLES], inputs=[prompt], label="Example prompts")
+            generating = gr.on(
+                [generate_btn.click, prompt.submit],
+                space.generate,
+                inputs=[prompt, negative, steps, guidance, seed, scheduler, num_images],
+                outputs=[gallery, status],
+                api_name="generate",
+                show_progress_on=[status],
+                **limits,
+            )
+            stop_btn.click(None, cancels=[generating], api_visibility="private")
+
+        with gr.Tab("Image → text"):
+            with gr.Row():
+                with gr.Column():
+                    image = gr.Image(
+                        label="Image (any size or mode)",
+                        type="filepath",
+                        sources=["upload", "clipboard"],
+                        height=320,
+                        elem_id="caption-image",
+                    )
+                    prefix = gr.Textbox(label="Text prefix (optional)", placeholder="a photo of a")
+                    caption_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=32, step=1, label="Max new tokens")
+                    caption_btn = gr.Button("Caption", variant="primary", elem_id="caption-btn")
+                with gr.Column():
+                    caption_out = gr.Textbox(label="Caption", lines=2, interactive=False, elem_id="caption-output")
+                    caption_note = gr.Markdown(elem_id="caption-status")
+            gr.on(
+                [caption_btn.click, image.upload],
+                space.caption,
+                inputs=[image, prefix, caption_tokens],
+                outputs=[caption_out, caption_note],
+                api_name="caption",
+                **limits,
+            )
+
+        with gr.Tab("Chat"):
+            chatbot = gr.Chatbot(label="Conversation", height=440, elem_id="chatbot")
+            chat_input = gr.MultimodalTextbox(
+                placeholder="Ask for a picture ('a red circle') or attach one and ask about it",
+                file_types=["image"],
+                file_count="multiple",
+                sources=["upload"],
+                show_label=False,
+                elem_id="chat-input",
+            )
+            with gr.Accordion("Settings", open=False):
+                with gr.Row():
+                    chat_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=48, step=1, label="Max new tokens")
+                    chat_images = gr.Slider(0, MAX_CHAT_IMAGES, value=1, step=1, label="Images per reply")
+                    chat_temperature = gr.Slider(0, MAX_TEMPERATURE, value=0, step=0.05, label="Temperature")
+                with gr.Row():
+                    chat_steps = gr.Slider(1, MAX_STEPS, value=space.default_steps, step=1, label="Steps")
+                    chat_guidance = gr.Slider(0, MAX_GUIDANCE, value=3.0, step=0.1, label="Guidance scale")
+                    chat_seed = gr.Number(0, label="Seed (-1: random)", precision=0, minimum=-1, maximum=MAX_SEED)
+            chat_settings = [chat_tokens, chat_images, chat_steps, chat_guidance, chat_temperature, chat_seed]
+            gr.Examples([[{"text": e, "files": []}] for e in EXAMPLES[2:]], inputs=[chat_input], label="Try")
+            chat_input.submit(
+                space.chat,
+                inputs=[chat_input, chatbot, *chat_settings],
+                outputs=[chatbot, chat_input],
+                api_name="chat",
+                show_progress="minimal",
+            show_progress_on=[chatbot],
+                **limits,
+            )
+    demo.queue(default_concurrency_limit=concurrency, max_size=64)
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, **kwargs):
+    """Serve `demo` with the upload size limit and the page style."""
+    return demo.launch(
+        server_name=host, server_port=port, max_file_size=f"{MAX_UPLOAD_MB}mb", css=CSS, show_error=True, **kwargs
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"pipeline folder, model folder or Hub id (default: $TRANSFUSION_MODEL, else {DEFAULT_MODEL})",
+    )
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to bind")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--concurrency", type=int, default=2, help="model calls served at a time")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    args = parser.parse_args(argv)
+    if args.concurrency < 1:
+        parser.error(f"--concurrency must be ≥ 1, got {args.concurrency}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = resolve_model(args.model)
+    pipe = load_pipeline(name, device=args.device)
+    shown = os.path.relpath(name, ROOT) if Path(name).resolve().is_relative_to(ROOT) else name
+    print(f"Loaded {name}; serving on http://{args.host}:{args.port}", flush=True)
+    launch(build_demo(pipe, args.concurrency, model_name=shown), host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()
