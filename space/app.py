@@ -15,11 +15,13 @@ a scheduler keeps per-run state and a fast tokenizer refuses concurrent use), N 
 """
 
 import argparse
+import atexit
 import copy
 import math
 import os
 import queue
 import secrets
+import shutil
 import sys
 import tempfile
 import threading
@@ -284,9 +286,10 @@ class TransfusionSpace:
         self.pipe = pipe
         self.config = pipe.transformer.config
         self.pool = PipelinePool(pipe, concurrency)
-        self.concurrency = concurrency
         self.tokenizer_lock = threading.Lock()  # the base pipeline's tokenizer only counts tokens
+        # chat images are written here for gradio to copy into its cache (which `delete_cache` empties hourly)
         self.image_dir = Path(tempfile.mkdtemp(prefix="transfusion-space-"))
+        atexit.register(shutil.rmtree, self.image_dir, ignore_errors=True)
         flow = getattr(self.config, "diffusion_type", "ddpm") == "flow_matching"
         self.schedulers = FLOW_SCHEDULERS if flow else SCHEDULERS
         loaded = type(pipe.scheduler).__name__
@@ -311,6 +314,11 @@ class TransfusionSpace:
             raise gr.Error(f"{name} is {n} tokens long; this model takes at most {limit}.")
 
     def save_image(self, image: PIL.Image.Image) -> str:
+        """A PNG for the chat; files older than an hour (long since copied by gradio) are removed on the way."""
+        cutoff = time.time() - 3600
+        for old in self.image_dir.glob("*.png"):
+            if old.stat().st_mtime < cutoff:
+                old.unlink(missing_ok=True)
         path = self.image_dir / f"{uuid.uuid4().hex}.png"
         image.save(path)
         return str(path)
@@ -483,7 +491,7 @@ def build_demo(pipe, concurrency: int = 2, model_name: str | None = None) -> gr.
     model_name = model_name or pipe.config.get("_name_or_path") or "a Transfusion model"
     limits = {"concurrency_limit": concurrency, "concurrency_id": "model", "preprocess": False}
 
-    with gr.Blocks(title="Transfusion", analytics_enabled=False) as demo:
+    with gr.Blocks(title="Transfusion", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "# Transfusion\nOne transformer that writes text token by token and draws images by diffusion. "
             f"Model: `{model_name}` · {params:.1f}M parameters · {c.image_size}×{c.image_size} images · "
