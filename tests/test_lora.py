@@ -230,3 +230,40 @@ def test_concept_renderer_and_detector_agree():
     images, captions = shapes_images(20, "train", seed=3)  # the old world is read as before
     for image, caption in zip(images, captions):
         assert all(colour != name for colour, _ in detect_colour_objects(image, palette)), caption
+
+
+def test_load_lora_weights_through_remote_code_in_a_fresh_process(tokenizer, adapter_dir, tmp_path):
+    """A pipeline folder loaded with DiffusionPipeline(..., trust_remote_code=True) where this repository cannot be
+    imported: the pipeline file stored in the folder carries load/fuse/unload."""
+    import subprocess
+    import sys
+    import textwrap
+
+    folder, (expected_logits, _) = adapter_dir
+    make_pipe(tokenizer).save_pretrained(tmp_path / "base")
+    ids, _ = ids_and_latents()
+    torch.save({"ids": ids[:, :6], "logits": expected_logits[:, :6]}, tmp_path / "expected.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        from diffusers import DiffusionPipeline
+        torch.set_num_threads(1)
+        pipe = DiffusionPipeline.from_pretrained({str(tmp_path / "base")!r}, trust_remote_code=True)
+        assert type(pipe).__name__ == "TransfusionPipeline" and "transfusion" not in type(pipe).__module__.split(".")[0]
+        ref = torch.load({str(tmp_path / "expected.pt")!r})
+        pipe.load_lora_weights({str(folder)!r})
+        with torch.no_grad():
+            torch.testing.assert_close(pipe.transformer(input_ids=ref["ids"]).logits, ref["logits"], atol=1e-5, rtol=1e-5)
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
+            torch.testing.assert_close(pipe.transformer(input_ids=ref["ids"]).logits, ref["logits"], atol=2e-5, rtol=1e-5)
+        pipe.save_pretrained({str(tmp_path / "fused")!r})
+        assert not any(k.startswith("base_model") for k in pipe.transformer.state_dict())
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")})  # fmt: skip
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    reloaded = TransfusionPipeline.from_pretrained(tmp_path / "fused")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.transformer(input_ids=ids[:, :6]).logits, expected_logits[:, :6],
+                                   atol=2e-5, rtol=1e-5)  # fmt: skip
