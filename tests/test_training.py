@@ -226,20 +226,27 @@ def test_collator_lays_out_rows_and_cuts_long_text(tokenizer):
     ids = processor.special_ids
     ds = _toy_dataset(0)
     examples = [ds[i] for i in range(64)]
+    text_rows = [e for e in examples if e["kind"] == "text"]
+    image_rows = [e for e in examples if e["kind"] != "text"]
     batch = TransfusionCollator(processor, max_text_tokens=12)(examples)
-    n_images = sum(e["kind"] != "text" for e in examples)
-    assert batch["image_latents"].shape == (n_images, 4, 8, 8)
     assert batch["example_index"].tolist() == list(range(64))
-    for row, ex, mask, labels in zip(batch["input_ids"], examples, batch["attention_mask"], batch["labels"]):
-        row = row[mask.bool()].tolist()
-        assert row[0] == ids["bos"]
-        assert (labels[~mask.bool()] == -100).all()
-        if ex["kind"] == "text":
-            assert len(row) <= 12 and ids["boi"] not in row
-        else:
-            assert row.count(ids["image"]) == 16 and row[-1] == ids["eos"]
-            first = ex["kind"] == "image_caption"
-            assert (row[1] == ids["boi"]) == first
+    text, images = batch["parts"]  # text rows first, each part padded to its own longest row
+    assert "image_latents" not in text and len(text["input_ids"]) == len(text_rows)
+    assert images["image_latents"].shape == (len(image_rows), 4, 8, 8)
+    torch.testing.assert_close(images["image_latents"], torch.stack([e["latent"] for e in image_rows]))
+    for part, rows in ((text, text_rows), (images, image_rows)):
+        assert part["attention_mask"][:, -1].any()  # no all-padding column
+        for row, ex, mask, labels in zip(part["input_ids"], rows, part["attention_mask"], part["labels"]):
+            row = row[mask.bool()].tolist()
+            assert row[0] == ids["bos"]
+            assert (labels[~mask.bool()] == -100).all()
+            if ex["kind"] == "text":
+                assert len(row) <= 12 and ids["boi"] not in row
+            else:
+                assert row.count(ids["image"]) == 16 and row[-1] == ids["eos"]
+                assert (row[1] == ids["boi"]) == (ex["kind"] == "image_caption")
+    (single,) = TransfusionCollator(processor, max_text_tokens=12, split_text=False)(examples)["parts"]
+    assert len(single["input_ids"]) == 64 and single["image_latents"].shape[0] == len(image_rows)
 
 
 def test_help_and_config_file_errors(tmp_path, capsys):

@@ -89,20 +89,26 @@ def vae_fingerprint(vae) -> str:
     return h.hexdigest()[:16]
 
 
+def source_size(name: str, count: int | None) -> int:
+    """How many training images of a source `count` asks for (None: all Fashion-MNIST / 60,000 shapes scenes)."""
+    if name == "fashion":
+        total = len(load_fashion_mnist("train")[1])
+        return total if count is None else min(count, total)
+    if name == "shapes":
+        return 60_000 if count is None else count
+    raise ValueError(f"unknown image source {name!r}; allowed: {IMAGE_SOURCES}")
+
+
 def source_pixels(name: str, count: int | None, shapes_seed: int = 0) -> tuple[list[str], Iterator[torch.Tensor]]:
     """Captions of a source's first `count` training images and an iterator over their pixels in chunks of
     (n, 3, 32, 32) in [−1, 1]. Fashion-MNIST: the train split (count ≤ 60,000); shapes: the world's train scenes."""
-    chunk = 1000
+    chunk, n = 1000, source_size(name, count)
     if name == "fashion":
         images, labels = load_fashion_mnist("train")
-        n = len(labels) if count is None else min(count, len(labels))
         captions = [fashion_caption(c) for c in labels[:n]]
         return captions, (fashion_to_tensor(images[i : min(i + chunk, n)]) for i in range(0, n, chunk))
-    if name == "shapes":
-        n = 60_000 if count is None else count
-        images, captions = shapes_images(n, "train", seed=shapes_seed)
-        return captions, (rgb_to_tensor(images[i : i + chunk]) for i in range(0, n, chunk))
-    raise ValueError(f"unknown image source {name!r}; allowed: {IMAGE_SOURCES}")
+    images, captions = shapes_images(n, "train", seed=shapes_seed)
+    return captions, (rgb_to_tensor(images[i : i + chunk]) for i in range(0, n, chunk))
 
 
 @torch.no_grad()
@@ -126,15 +132,17 @@ def load_or_encode_latents(
     never reads stale latents."""
     from tqdm.auto import tqdm
 
-    captions, chunks = source_pixels(name, count, shapes_seed)
-    key = f"latents-{name}-n{len(captions)}-s{shapes_seed if name == 'shapes' else 0}-{vae_fingerprint(model.model.vae)}.pt"
+    n = source_size(name, count)
+    key = f"latents-{name}-n{n}-s{shapes_seed if name == 'shapes' else 0}-{vae_fingerprint(model.model.vae)}.pt"
     path = Path(cache_dir) / key
-    if path.exists():
+    if path.exists():  # shapes scenes are a pure function of (seed, index): only their count is checked
         data = torch.load(path, map_location="cpu", weights_only=True)
-        if data.get("captions") != captions:
-            raise ValueError(f"latent cache {path} does not match the {name} captions; delete it to re-encode")
-        log(f"latents of {len(captions)} {name} images from {path}")
+        captions = data.get("captions", [])
+        if len(captions) != n or len(data["latents"]) != n or (name == "fashion" and captions != source_pixels(name, n)[0]):
+            raise ValueError(f"latent cache {path} does not match the {n} {name} images; delete it to re-encode")
+        log(f"latents of {n} {name} images from {path}")
         return ImageSource(name, data["latents"], captions)
+    captions, chunks = source_pixels(name, n, shapes_seed)
     log(f"encoding {len(captions)} {name} images with the VAE (once; cached in {path})")
     with tqdm(total=len(captions), desc=f"encode {name}", dynamic_ncols=True, mininterval=5) as bar:
         latents = encode_pixels(model.encode_images, chunks, device=device, progress=bar)
@@ -238,13 +246,19 @@ class MicroBatchSampler(Sampler):
 
 
 class TransfusionCollator:
-    """Examples → ``input_ids``, ``attention_mask``, ``labels`` (right padded), ``image_latents`` (N, C, h, w) for
-    the images in row-major order (absent for a text-only batch) and ``example_index`` (B,)."""
+    """Examples → ``{"example_index": (B,), "parts": [part, ...]}``.
 
-    def __init__(self, processor, max_text_tokens: int = 64):
+    A part is a model batch: ``input_ids``, ``attention_mask``, ``labels`` (right padded) and ``image_latents``
+    (N, C, h, w) for its images in row-major order (absent when it has none). With ``split_text`` (default) the text
+    rows and the image rows of the micro-batch are two parts, text first, each padded to its own longest row: a text
+    row is two to three times longer than an image row, and one padded batch would spend about half its compute on
+    padding. Without it (or when one kind is absent) there is a single part.
+    """
+
+    def __init__(self, processor, max_text_tokens: int = 64, split_text: bool = True):
         if max_text_tokens < 2:
             raise ValueError(f"max_text_tokens={max_text_tokens}; need at least 2 (<|bos|> and one token)")
-        self.processor, self.max_text_tokens = processor, max_text_tokens
+        self.processor, self.max_text_tokens, self.split_text = processor, max_text_tokens, split_text
         self.pad_id = processor.special_ids["pad"]
         # The processor only needs an image's size to lay out its slots; the pixels come from the latent cache.
         self.placeholder = torch.zeros(3, processor.image_size, processor.image_size)
@@ -262,7 +276,19 @@ class TransfusionCollator:
                 rows.append([ex["text"]])
         return rows
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+    def _pad(self, rows: list[tuple[torch.Tensor, torch.Tensor]], latents: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        length = max(len(r) for r, _ in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, (r, lab) in enumerate(rows):
+            input_ids[i, : len(r)], labels[i, : len(r)], attention_mask[i, : len(r)] = r, lab, 1
+        part = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if latents:
+            part["image_latents"] = torch.stack(latents).float()  # (N, C, h, w), row-major
+        return part
+
+    def __call__(self, examples: list[dict]) -> dict:
         enc = self.processor(self.rows(examples), add_eos=True, return_labels=True)
         ids, labels, lengths = enc["input_ids"], enc["labels"], enc["attention_mask"].sum(-1).tolist()
         kept = []  # (ids, labels) of each row without padding, text rows cut to a window
@@ -274,22 +300,16 @@ class TransfusionCollator:
                 keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(start, start + m - 1)])
                 row_ids, row_labels = row_ids[keep], row_labels[keep]
             kept.append((row_ids, row_labels))
-        length = max(len(r) for r, _ in kept)
-        batch_ids = torch.full((len(kept), length), self.pad_id, dtype=torch.long)
-        batch_labels = torch.full((len(kept), length), -100, dtype=torch.long)
-        attention_mask = torch.zeros((len(kept), length), dtype=torch.long)
-        for i, (r, lab) in enumerate(kept):
-            batch_ids[i, : len(r)], batch_labels[i, : len(r)], attention_mask[i, : len(r)] = r, lab, 1
-        batch = {
-            "input_ids": batch_ids,
-            "attention_mask": attention_mask,
-            "labels": batch_labels,
-            "example_index": torch.tensor([ex["index"] for ex in examples], dtype=torch.long),
-        }
-        latents = [ex["latent"] for ex in examples if ex["latent"] is not None]
-        if latents:
-            batch["image_latents"] = torch.stack(latents).float()  # (N, C, h, w), row-major
-        return batch
+        groups = [list(range(len(examples)))]
+        if self.split_text:
+            text = [i for i, ex in enumerate(examples) if ex["kind"] == "text"]
+            image = [i for i, ex in enumerate(examples) if ex["kind"] != "text"]
+            groups = [g for g in (text, image) if g]
+        parts = [
+            self._pad([kept[i] for i in g], [examples[i]["latent"] for i in g if examples[i]["latent"] is not None])
+            for g in groups
+        ]
+        return {"example_index": torch.tensor([ex["index"] for ex in examples], dtype=torch.long), "parts": parts}
 
 
 def build_text_source(max_examples: int | None = None) -> list[str]:
@@ -310,5 +330,7 @@ __all__ = [
     "encode_pixels",
     "load_or_encode_latents",
     "parse_mix",
+    "source_pixels",
+    "source_size",
     "vae_fingerprint",
 ]

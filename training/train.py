@@ -21,6 +21,7 @@ complete checkpoint and rewrites the log from there.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-text-tokens", type=int, default=64, help="text rows are cut to a window of this many tokens")
     g.add_argument("--max-examples", type=int, help="use only the first N items of every source (tests, debugging)")
     g.add_argument("--shapes-count", type=int, default=60_000, help="shapes-world training scenes")
+    g.add_argument("--split-text", action=argparse.BooleanOptionalAction, default=True,
+                   help="run a micro-batch's text rows and image rows as two padded batches (less padding)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, help="optimizer steps; the LR schedule spans them (default 2000 without --minutes)")
@@ -483,6 +486,34 @@ def write_samples(model, tokenizer, png: Path, seed: int, prompts=SAMPLE_PROMPTS
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def forward_backward(accelerator, model, parts: list[dict]) -> torch.Tensor:
+    """Forward and backward of one micro-batch, given as parts (its text rows and its image rows, see the collator).
+
+    The loss is the micro-batch's L = L_LM + λ·L_diffusion with L_LM the mean over all its target tokens: each part's
+    LM mean enters weighted by its share of the targets (counted before caption dropout). Every part but the last
+    runs without DDP gradient sync; the image part comes last, so the synchronising backward reaches every weight.
+    Returns the log's sums: loss, LM loss, diffusion loss, 1 if it had images, 1, tokens, positions computed."""
+    targets = [int((part["labels"][:, 1:] != -100).sum()) for part in parts]
+    total = sum(targets)
+    stats = torch.zeros(7, dtype=torch.float64)
+    stats[4] = 1.0
+    for j, part in enumerate(parts):
+        part = {k: v.to(accelerator.device) for k, v in part.items()}
+        weight = targets[j] / total if total else 1.0 / len(parts)
+        with accelerator.no_sync(model) if j < len(parts) - 1 else contextlib.nullcontext():
+            out = model(**part)
+            loss = out.loss - (1.0 - weight) * out.lm_loss  # = weight·L_LM(part) + λ·L_diffusion(part)
+            accelerator.backward(loss)
+        stats[0] += loss.item()
+        stats[1] += weight * out.lm_loss.item()
+        if out.diffusion_loss is not None:
+            stats[2] += out.diffusion_loss.item()
+            stats[3] = 1.0
+        stats[5] += float(part["attention_mask"].sum())
+        stats[6] += float(part["attention_mask"].numel())
+    return stats
+
+
 def resolve_resume(args, ckpt_root: Path) -> Path | None:
     existing = list_checkpoints(ckpt_root)
     if args.resume is None:
@@ -552,7 +583,9 @@ def train(args) -> dict:
                 images[name] = load_or_encode_latents(model, name, count, args.latent_cache, device=accelerator.device, log=say)
     texts = build_text_source(args.max_examples) if mix["text"] > 0 else []
     dataset = MixtureDataset(images, texts, mix, args.image_first_prob, args.seed)
-    collator = TransfusionCollator(processor, args.max_text_tokens)
+    # DeepSpeed counts backward calls as accumulation steps: one forward per micro-batch there.
+    split_text = args.split_text and accelerator.distributed_type != DistributedType.DEEPSPEED
+    collator = TransfusionCollator(processor, args.max_text_tokens, split_text=split_text)
 
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
@@ -636,12 +669,10 @@ def train(args) -> dict:
             lr = optimizer.param_groups[0]["lr"]
             for _ in range(grad_accum):
                 batch = next(batches)
-                micro = int(batch.pop("example_index")[0]) // args.batch_size
+                micro = int(batch["example_index"][0]) // args.batch_size
                 torch.manual_seed(micro_seed(args.seed, micro))
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.accumulate(model):
-                    out = model(**batch)
-                    accelerator.backward(out.loss)
+                    sums += forward_backward(accelerator, model, batch["parts"])
                     if accelerator.sync_gradients:
                         if args.clip > 0:
                             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.clip)
@@ -649,11 +680,6 @@ def train(args) -> dict:
                         if not accelerator.optimizer_step_was_skipped:
                             scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
-                has_images = out.diffusion_loss is not None
-                sums += torch.tensor([
-                    out.loss.item(), out.lm_loss.item(), out.diffusion_loss.item() if has_images else 0.0,
-                    float(has_images), 1.0, float(batch["attention_mask"].sum()), float(batch["attention_mask"].numel()),
-                ], dtype=torch.float64)  # fmt: skip
             if not accelerator.sync_gradients:
                 raise RuntimeError("gradient accumulation fell out of step with the optimizer steps")
             totals = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
