@@ -13,10 +13,10 @@ from diffusers import DDIMScheduler
 from pipelines import TransfusionPipeline
 from training.finetune_lora import (
     DEFAULT_TARGETS,
-    NEW_COLOUR,
     _concept_spec,
     add_lora,
-    detect_colour_objects,
+    concept_world,
+    detect_concept_objects,
     main,
     read_examples,
     render_objects,
@@ -171,11 +171,10 @@ def test_adapter_for_another_base_model_is_a_clear_error(tokenizer, adapter_dir)
 def write_folder(folder, n=4):
     folder.mkdir()
     rng = np.random.default_rng(0)
+    palette, _ = concept_world("purple")
     for i in range(n):
-        caption, objects = _concept_spec(rng, NEW_COLOUR[0])
-        PIL.Image.fromarray(render_objects(objects, {NEW_COLOUR[0]: NEW_COLOUR[1], "red": (220, 40, 40),
-                                                     "green": (40, 200, 60), "blue": (50, 90, 230),
-                                                     "yellow": (230, 210, 40)})).save(folder / f"{i}.png")  # fmt: skip
+        caption, objects = _concept_spec(rng, "purple")
+        PIL.Image.fromarray(render_objects(objects, palette)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(caption)
     (folder / "extra.jsonl").write_text(json.dumps({"text": "a line of plain text"}) + "\n")
 
@@ -217,19 +216,22 @@ def test_finetune_help_and_data_errors(tmp_path, capsys):
         read_examples([str(tmp_path / "bad.jsonl")])
 
 
-def test_concept_renderer_and_detector_agree():
-    from training.data import COLOURS, shapes_images
+@pytest.mark.parametrize("concept", ["purple", "cross"])
+def test_concept_renderer_and_detector_agree(concept):
+    from training.data import shapes_images
+    from training.detector import detect
 
-    name, rgb = NEW_COLOUR
-    palette = {**COLOURS, name: rgb}
+    palette, _ = concept_world(concept)
     rng = np.random.default_rng(5)
-    for _ in range(30):
-        caption, objects = _concept_spec(rng, name)
-        found = sorted(detect_colour_objects(render_objects(objects, palette), palette))
+    for _ in range(40):
+        caption, objects = _concept_spec(rng, concept)
+        assert concept in caption.split() or f"{concept}es" in caption.split(), caption
+        found = sorted(detect_concept_objects(render_objects(objects, palette), palette))
         assert found == sorted((o.colour, o.shape) for o in objects), caption
-    images, captions = shapes_images(20, "train", seed=3)  # the old world is read as before
+    images, captions = shapes_images(40, "train", seed=3)  # the old world reads exactly as the shapes detector reads it
     for image, caption in zip(images, captions):
-        assert all(colour != name for colour, _ in detect_colour_objects(image, palette)), caption
+        expected = sorted((d.colour, d.shape) for d in detect(image))
+        assert sorted(detect_concept_objects(image, palette)) == expected, caption
 
 
 def test_load_lora_weights_through_remote_code_in_a_fresh_process(tokenizer, adapter_dir, tmp_path):
