@@ -190,7 +190,9 @@ class RowBuilder:
         from diffusers.image_processor import VaeImageProcessor
 
         self.tokenizer, self.config = tokenizer, config
-        self.image_first_prob, self.max_text_tokens = image_first_prob, max_text_tokens
+        # a row (bos, text, image block, eos) must fit the model's positions
+        room = config.max_position_embeddings - config.image_slots - 4
+        self.image_first_prob, self.max_text_tokens = image_first_prob, min(max_text_tokens, room)
         self.rng = random.Random(seed)
         self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=True, resample="bicubic")
         self._pixels: dict[Path, torch.Tensor] = {}
@@ -206,7 +208,9 @@ class RowBuilder:
         c = self.config
         rows, pixels = [], []
         for ex in batch:
-            text = self.tokenizer(ex.text, add_special_tokens=False)["input_ids"][: self.max_text_tokens]
+            # special-token strings in user text stay plain text, as in the processor and the pipeline
+            text = self.tokenizer(ex.text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            text = text[: self.max_text_tokens]
             if ex.image is None:
                 rows.append([c.bos_token_id, *text, c.eos_token_id])
                 continue
