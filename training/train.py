@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+DEFAULT_STEPS = 2000
 CHECKPOINT_PREFIX = "step-"
 MANIFEST = "manifest.json"
 SAMPLE_PROMPTS = (
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run a micro-batch's text rows and image rows as two padded batches (less padding)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max-steps", type=int, help="optimizer steps; the LR schedule spans them (default 2000 without --minutes)")
+    g.add_argument("--max-steps", type=int, help=f"optimizer steps; the LR schedule spans them (a fresh run without --minutes: {DEFAULT_STEPS}; 0: none)")
     g.add_argument("--minutes", type=float, help="wall-clock budget of this invocation: stop cleanly and save when spent; "
                    "without --max-steps the schedule is fitted to the budget after --calibrate-steps steps")
     g.add_argument("--calibrate-steps", type=int, default=10)
@@ -173,14 +174,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("batch_size", "grad_accum", "threads", "keep_checkpoints", "log_every", "calibrate_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; must be ≥ 1")
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error(f"--max-steps={args.max_steps}; must be ≥ 1")
+    if args.max_steps is not None and args.max_steps < 0:
+        parser.error(f"--max-steps={args.max_steps}; must be ≥ 1 (or 0: none, the schedule follows --minutes)")
+    args.max_steps = args.max_steps or None
     if args.minutes is not None and args.minutes <= 0:
         parser.error(f"--minutes={args.minutes}; must be > 0")
     if args.mixed_precision not in (None, "no", "bf16", "fp16"):
         parser.error(f"mixed_precision={args.mixed_precision!r}; allowed: no, bf16, fp16")
-    if args.max_steps is None and args.minutes is None:
-        args.max_steps = 2000
     return args
 
 
@@ -593,7 +593,8 @@ def train(args) -> dict:
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr, betas=tuple(args.betas), eps=args.eps,
     )  # fmt: skip
-    schedule = WarmupCosine(args.warmup_steps, args.max_steps, args.min_lr_ratio, provisional=args.warmup_steps or 100 * args.calibrate_steps)
+    horizon = args.max_steps or (None if args.minutes else DEFAULT_STEPS)  # None: fitted to the time budget
+    schedule = WarmupCosine(args.warmup_steps, horizon, args.min_lr_ratio, provisional=args.warmup_steps or 100 * args.calibrate_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # no prepared DataLoader tells DeepSpeed the micro-batch
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
@@ -620,6 +621,9 @@ def train(args) -> dict:
         if args.max_steps is not None and schedule.horizon != args.max_steps:
             say(f"note: the LR schedule now ends at step {args.max_steps} (was {schedule.horizon})")
             schedule.set_horizon(args.max_steps, args.warmup_steps)
+        if schedule.horizon is None and args.minutes is None:  # saved before its time budget was calibrated
+            schedule.set_horizon(DEFAULT_STEPS, args.warmup_steps)
+            say(f"note: {resume_from} has no fitted schedule and no --minutes was given: it now ends at step {DEFAULT_STEPS}")
         say(f"resumed {resume_from} at step {state.step}")
     elif args.resume == "auto":
         say(f"no checkpoint in {ckpt_root}; starting fresh")
@@ -662,6 +666,8 @@ def train(args) -> dict:
     try:
         while True:
             if schedule.horizon is not None and state.step >= schedule.horizon:
+                break
+            if args.stop_at_step is not None and state.step >= args.stop_at_step:
                 break
             t0 = time.perf_counter()
             sums = torch.zeros(7, dtype=torch.float64)  # loss, lm, diffusion, #micro with images, #micro, tokens, positions
@@ -752,14 +758,17 @@ def train(args) -> dict:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
 
-    if last_saved != state.step:  # e.g. a schedule that was already complete at resume
+    if session_steps and last_saved != state.step:
         save_checkpoint(accelerator, ckpt_root, state.step, args.keep_checkpoints)
         save_final(accelerator, model, tokenizer, processor, final_dir)
     if accelerator.is_main_process:
         plot_losses(log_path, out_dir / "loss.png")
     tokens_per_s = session_tokens / session_time if session_time else float("nan")
-    say(f"\ntrained to step {state.step} ({state.tokens:,} tokens, {state.train_seconds / 60:.1f} min of steps); "
-        f"{tokens_per_s:,.0f} tokens/s this session")  # fmt: skip
+    if session_steps:
+        say(f"\ntrained to step {state.step} ({state.tokens:,} tokens, {state.train_seconds / 60:.1f} min of steps); "
+            f"{tokens_per_s:,.0f} tokens/s this session")  # fmt: skip
+    else:
+        say(f"nothing to train: the run is at step {state.step}, where its schedule (or --stop-at-step) ends")
     for note in notes:
         say(note)
     say(f"wrote: model, tokenizer, processor → {final_dir}\n       checkpoints → {ckpt_root}\n       "
