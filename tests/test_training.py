@@ -94,6 +94,15 @@ def test_resume_continues_the_same_loss_curve_exactly(assets, reference, tmp_pat
         assert {k: a[k] for k in KEYS} == {k: b[k] for k in KEYS}, a["step"]
 
 
+def test_time_budget_fits_the_schedule_and_stops_cleanly(assets, tmp_path):
+    out = tmp_path / "timed"
+    train_script.main(flags(assets, out, "--max-steps", "0", "--minutes", "0.05", "--calibrate-steps", "3", "--save-every", "0"))
+    log = log_of(out)
+    assert len(log) > 4 and [r["step"] for r in log] == list(range(1, len(log) + 1))
+    assert log[-1]["lr"] < 0.2 * max(r["lr"] for r in log)  # the fitted cosine has decayed
+    assert (out / f"checkpoints/step-{len(log)}").is_dir() and (out / "final/model.safetensors").exists()
+
+
 def test_existing_run_needs_resume_and_damaged_checkpoint_is_named(assets, reference, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_script.main(flags(assets, reference))  # checkpoints there, no --resume

@@ -723,7 +723,7 @@ def train(args) -> dict:
                 # Fit the schedule to the time budget from the measured step time (first step excluded).
                 per_step = (time.time() - t_first) / args.calibrate_steps
                 remaining = budget_s - (time.time() - t_start)
-                horizon = [state.step + max(1, int(remaining / per_step))]
+                horizon = [state.step + max(1, int(0.95 * remaining / per_step))]  # 5% spare for saving, jitter
                 broadcast_object_list(horizon)
                 schedule.set_horizon(horizon[0], args.warmup_steps)
                 bar.total = schedule.horizon
