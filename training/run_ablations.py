@@ -43,6 +43,7 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--eval-per-class", type=int, default=10, help="generated images and captions per class")
     parser.add_argument("--eval-steps", type=int, default=20, help="DDIM steps when evaluating")
+    parser.add_argument("--vae", default="checkpoints/vae", help="the VAE every variant uses")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="results/ablations")
     parser.add_argument("--runs", default="runs/ablations", help="where the variants' training runs go")
@@ -63,7 +64,7 @@ def main():
             run([
                 python, "-m", "training.train",
                 "--config", "training/configs/transfusion-tiny.yaml",
-                "--output-dir", str(run_dir),
+                "--output-dir", str(run_dir), "--vae", args.vae,
                 "--hidden-size", str(args.hidden_size), "--intermediate-size", str(3 * args.hidden_size),
                 "--layers", str(args.layers), "--heads", "4", "--kv-heads", "2",
                 "--mix", "fashion=1.0", "--image-first-prob", "0.2",
