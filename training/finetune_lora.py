@@ -16,11 +16,11 @@ example per non-empty line.
 The result is a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`) that loads with
 `TransfusionPipeline.load_lora_weights(path)` or `model.load_adapter(path)`.
 
-Concept experiment (a colour or shape the base model never saw; see docs/lora_and_conversion.md):
+Concept experiment (a shape or colour the base model never saw; see docs/lora_and_conversion.md):
 
-    python -m training.finetune_lora render-concept --output runs/purple-data      # png + txt folder
-    python -m training.finetune_lora --data runs/purple-data --output runs/lora-purple
-    python -m training.finetune_lora evaluate-concept --adapter runs/lora-purple    # before/after scores
+    python -m training.finetune_lora render-concept --concept cross --output runs/cross-data    # png + txt folder
+    python -m training.finetune_lora --data runs/cross-data --output runs/lora-cross
+    python -m training.finetune_lora evaluate-concept --concept cross --adapter runs/lora-cross  # before/after
 """
 
 import argparse
@@ -570,14 +570,14 @@ def evaluate_concept(args) -> dict:
 def build_concept_parsers() -> dict[str, argparse.ArgumentParser]:
     render = argparse.ArgumentParser(prog="python -m training.finetune_lora render-concept",
                                      description=render_concept.__doc__)  # fmt: skip
-    render.add_argument("--concept", default="purple", choices=sorted(NEW_CONCEPTS), help="default: %(default)s")
-    render.add_argument("--output", default="runs/purple-data", help="folder to write (default: %(default)s)")
+    render.add_argument("--concept", default="cross", choices=sorted(NEW_CONCEPTS), help="default: %(default)s")
+    render.add_argument("--output", default="runs/cross-data", help="folder to write (default: %(default)s)")
     render.add_argument("--count", type=int, default=3000, help="scenes showing the new concept")
     render.add_argument("--replay", type=int, default=3000, help="ordinary training scenes mixed in against forgetting")
     render.add_argument("--seed", type=int, default=0)
     evaluate = argparse.ArgumentParser(prog="python -m training.finetune_lora evaluate-concept",
                                        description=evaluate_concept.__doc__ + " " + concept_scores.__doc__)  # fmt: skip
-    evaluate.add_argument("--concept", default="purple", choices=sorted(NEW_CONCEPTS), help="default: %(default)s")
+    evaluate.add_argument("--concept", default="cross", choices=sorted(NEW_CONCEPTS), help="default: %(default)s")
     evaluate.add_argument("--base", default=DEFAULT_BASE, help="pipeline or model folder (default: %(default)s)")
     evaluate.add_argument("--adapter", help="LoRA adapter folder; without it only the base model is scored")
     evaluate.add_argument("--skip-base", action="store_true", help="score only base + adapter")
