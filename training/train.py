@@ -663,7 +663,7 @@ def train(args) -> dict:
     budget_s = None if args.minutes is None else args.minutes * 60
     session_steps, session_tokens, session_time, t_first = 0, 0, 0.0, None
     bar = tqdm(total=schedule.horizon, initial=state.step, desc="train", dynamic_ncols=True, disable=not accelerator.is_local_main_process)
-    last_saved, notes = -1, []
+    last_saved, notes, fit = -1, [], None  # fit: the last fit of the schedule to the time budget (this session)
     model.train()
     try:
         while True:
@@ -721,15 +721,22 @@ def train(args) -> dict:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lm=f"{record['lm_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             bar.update(1)
 
-            if schedule.horizon is None and session_steps == args.calibrate_steps + 1:
-                # Fit the schedule to the time budget from the measured step time (first step excluded).
-                per_step = (time.time() - t_first) / args.calibrate_steps
+            fit_now = schedule.horizon is None and session_steps == args.calibrate_steps + 1
+            if fit is not None and state.step == fit["next"] and fit["left"] > 0:
+                fit_now = True  # re-fit halfway through what is left: step times drift on a shared machine
+            if fit_now:
+                # Fit the schedule to the time budget from the step time measured since the last fit (first step
+                # of the session excluded); keep 5% spare for saving and jitter.
+                t_since, steps_since = (t_first, args.calibrate_steps) if fit is None else (fit["time"], state.step - fit["step"])
+                per_step = (time.time() - t_since) / max(1, steps_since)
                 remaining = budget_s - (time.time() - t_start)
-                horizon = [state.step + max(1, int(0.95 * remaining / per_step))]  # 5% spare for saving, jitter
+                horizon = [state.step + max(1, int(0.95 * remaining / per_step))]
                 broadcast_object_list(horizon)
-                schedule.set_horizon(horizon[0], args.warmup_steps)
+                schedule.set_horizon(horizon[0], args.warmup_steps if fit is None else schedule.warmup)
                 bar.total = schedule.horizon
-                say(f"\ncalibrated: {per_step:.3f} s/step → LR schedule of {schedule.horizon} steps for {args.minutes} min")
+                fit = {"time": time.time(), "step": state.step, "next": (state.step + schedule.horizon) // 2,
+                       "left": 3 if fit is None else fit["left"] - 1}  # fmt: skip
+                say(f"\n{per_step:.3f} s/step → LR schedule of {schedule.horizon} steps for {args.minutes} min")
 
             out_of_time = budget_s is not None and time.time() - t_start > budget_s
             if args.stop_at_step is not None and state.step >= args.stop_at_step:
