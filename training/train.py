@@ -39,16 +39,8 @@ import torch
 DEFAULT_STEPS = 2000
 CHECKPOINT_PREFIX = "step-"
 MANIFEST = "manifest.json"
-SAMPLE_PROMPTS = (
-    "a photo of a t-shirt",
-    "a photo of a trouser",
-    "a photo of a sneaker",
-    "a photo of a bag",
-    "a red circle",
-    "a blue square",
-    "a green triangle to the left of a yellow circle",
-    "two blue squares",
-)
+SAMPLE_PROMPTS = ("a photo of a t-shirt", "a photo of a trouser", "a photo of a sneaker", "a photo of a bag",
+                  "a red circle", "a blue square", "a green triangle to the left of a yellow circle", "two blue squares")
 # command-line flag → TransfusionConfig field
 MODEL_FLAGS = {
     "hidden_size": "hidden_size",
