@@ -644,7 +644,7 @@ class TransfusionForCausalLM(TransfusionPreTrainedModel, GenerationMixin):
         self.model = TransfusionModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.noise_scheduler = _build_noise_scheduler(config)
+        self._noise_scheduler = None
         self.post_init()
 
     def get_input_embeddings(self):
@@ -652,6 +652,14 @@ class TransfusionForCausalLM(TransfusionPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
+
+    @property
+    def noise_scheduler(self):
+        """The diffusers scheduler that noises training images (None for flow matching: closed form). Built on first
+        use, so it never lands on the meta device that `from_pretrained` builds models on."""
+        if self._noise_scheduler is None:
+            self._noise_scheduler = _build_noise_scheduler(self.config)
+        return self._noise_scheduler
 
     def get_output_embeddings(self):
         return self.lm_head

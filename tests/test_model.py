@@ -356,3 +356,13 @@ def test_causal_image_attention_ablation_switch():
     torch.testing.assert_close(base.hidden_states[-1][0, 4], other.hidden_states[-1][0, 4])
     with pytest.raises(ValueError, match="image_attention='sideways'"):
         tiny_config(image_attention="sideways")
+
+
+def test_loaded_model_trains_on_images(tmp_path, processor):
+    """from_pretrained builds on the meta device: the noise scheduler must still work after loading."""
+    TransfusionForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    loaded = TransfusionForCausalLM.from_pretrained(tmp_path).train()
+    batch = processor([["a photo of a dress", torch.zeros(3, 32, 32)]], add_eos=True, return_labels=True)
+    out = loaded(**batch)
+    out.loss.backward()
+    assert torch.isfinite(out.diffusion_loss)
