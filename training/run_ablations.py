@@ -21,10 +21,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Every variant states its patch encoder, so the recipe file's choice does not leak into the comparison.
+LINEAR = ["--patch-encoder", "linear"]
 VARIANTS = {
-    "base": [],
-    "causal-image": ["--model-kwargs", json.dumps({"image_attention": "causal"})],
-    "no-noise-limit": ["--noise-limit", "0"],
+    "base": LINEAR,
+    "causal-image": LINEAR + ["--model-kwargs", json.dumps({"image_attention": "causal"})],
+    "no-noise-limit": LINEAR + ["--noise-limit", "0"],
     "unet": ["--patch-encoder", "unet", "--unet-channels", "64", "128"],
 }
 
@@ -37,7 +39,7 @@ def run(command: list[str]) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
