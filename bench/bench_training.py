@@ -70,6 +70,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, for MFU")
     parser.add_argument("--out", default=None, help="optional JSON output path")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -130,9 +131,16 @@ def main():
         result["tokens_per_s"]["transfusion"] / result["tokens_per_s"]["llama"], 3
     )
     if device.type == "cuda":
-        # MFU from 6·N·tokens (backbone parameters) over the card's bf16 dense peak, given by --peak-tflops if known
-        n_params = sum(p.numel() for n, p in models["transfusion"].named_parameters() if ".layers." in n)
-        result["model_tflops"] = round(6 * n_params * result["tokens_per_s"]["transfusion"] / 1e12, 2)
+        result["peak_memory_GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+    # Model FLOPs per token: 6·N for the trained weights' matmuls (embeddings excluded) + 12·layers·seq·width for
+    # causal attention scores (counted over the full square, as is customary), forward and backward.
+    n_params = sum(
+        p.numel() for n, p in models["transfusion"].named_parameters() if p.requires_grad and "embed_tokens" not in n
+    )
+    flops_per_token = 6 * n_params + 12 * config.num_hidden_layers * args.seq * config.hidden_size
+    result["model_tflops"] = round(flops_per_token * result["tokens_per_s"]["transfusion"] / 1e12, 2)
+    if args.peak_tflops:
+        result["mfu"] = round(result["model_tflops"] / args.peak_tflops, 3)
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
