@@ -493,8 +493,9 @@ def concept_scores(pipe, concept: str, per_prompt: int, steps: int, guidance: fl
     scores = {}
     # new concept, text → image: "a purple {shape}" / "a {colour} cross"
     wanted = [(concept, o) if is_colour else (o, concept) for o in others for _ in range(per_prompt)]
-    found = [detect_concept_objects(im, palette)
-             for im in _generate(pipe, [f"a {c} {s}" for c, s in wanted], steps, guidance, seed)]  # fmt: skip
+    generated = _generate(pipe, [f"a {c} {s}" for c, s in wanted], steps, guidance, seed)
+    found = [detect_concept_objects(im, palette) for im in generated]
+    scores["_samples"] = generated[::per_prompt]  # one image per prompt, for --grid
     scores["new_concept_present"] = float(np.mean([any(concept in obj for obj in f) for f in found]))
     scores["new_concept_exact"] = float(np.mean([w in f for w, f in zip(wanted, found)]))
     scores["new_prompt_count"] = len(wanted)
@@ -559,6 +560,13 @@ def evaluate_concept(args) -> dict:
         pipe.load_lora_weights(args.adapter)
         results["after"] = concept_scores(pipe, args.concept, args.per_prompt, args.steps, args.guidance, args.seed)
     results["seconds"] = round(time.time() - started, 1)
+    samples = {k: results[k].pop("_samples") for k in ("before", "after") if k in results}
+    if args.grid and samples:
+        rows = [np.concatenate(images, axis=1) for images in samples.values()]  # one row per model
+        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+        grid = PIL.Image.fromarray(np.concatenate(rows, axis=0))
+        grid.resize((grid.width * 4, grid.height * 4), PIL.Image.NEAREST).save(args.grid)
+        print(f"wrote {args.grid} (rows: {', '.join(samples)}; one image per prompt)")
     print(json.dumps(results, indent=2))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
@@ -587,6 +595,7 @@ def build_concept_parsers() -> dict[str, argparse.ArgumentParser]:
     evaluate.add_argument("--seed", type=int, default=1234)
     evaluate.add_argument("--threads", type=int)
     evaluate.add_argument("--output", help="write the scores as JSON here")
+    evaluate.add_argument("--grid", help="write a PNG of new-concept samples here (one row per model)")
     return {"render-concept": render, "evaluate-concept": evaluate}
 
 
