@@ -104,7 +104,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tiles = images + real
-    labels = PROMPTS + [f"→ {c}" for c in captions]
+    labels = PROMPTS + [f"says: {c}" for c in captions]
     grid(tiles, labels).save(out / "grid.png")
     report = {
         "model": name,
