@@ -84,3 +84,15 @@ def test_processor_save_load_auto(tmp_path, processor):
     row = ["a photo of a dress", PIL.Image.new("L", (28, 28), 128)]
     a, b = processor(row), loaded(row)
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_processor_uses_the_tokenizers_declared_bos_eos_pad(tokenizer):
+    """A converted Llama tokenizer keeps <s> and </s>: the processor must take them from the tokenizer."""
+    import copy
+
+    other = copy.deepcopy(tokenizer)
+    other.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
+    processor = TransfusionProcessor(tokenizer=other, image_size=32, image_slots=16)
+    out = processor(["a photo of a dress"], add_eos=True)
+    assert out["input_ids"][0, 0] == other.convert_tokens_to_ids("<s>")
+    assert out["input_ids"][0, -1] == other.convert_tokens_to_ids("</s>")
