@@ -67,18 +67,7 @@ def load_base(path: str | os.PathLike):
     tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else model_dir
     model = TransfusionForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    _rebuild_meta_noise_scheduler(model)
     return model, tokenizer
-
-
-def _rebuild_meta_noise_scheduler(model) -> None:
-    """`from_pretrained` builds the model on the meta device, and the training noise scheduler's tables (plain
-    tensors, not buffers) stay there; rebuild them on the CPU so the diffusion loss can be computed."""
-    from diffusers import DDPMScheduler
-
-    scheduler = getattr(model, "noise_scheduler", None)
-    if scheduler is not None and scheduler.alphas_cumprod.is_meta:
-        model.noise_scheduler = DDPMScheduler.from_config(model.config.scheduler_config())
 
 
 def check_target_modules(model, targets) -> list[str]:
