@@ -455,6 +455,11 @@ class TransfusionPipeline(DiffusionPipeline):
         """Save a folder that loads with `TransfusionPipeline.from_pretrained`, with
         `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` and (model and processor) with
         `AutoModelForCausalLM/AutoProcessor.from_pretrained(dir + "/transformer", trust_remote_code=True)`."""
+        if getattr(self.transformer, "_hf_peft_config_loaded", False):
+            raise ValueError(
+                "A LoRA adapter is loaded: saving now would write its layers under prefixed keys that reload as fresh "
+                "weights. Call pipe.fuse_lora() then pipe.unload_lora_weights() first (or unload it without fusing)."
+            )
         super().save_pretrained(save_directory, **kwargs)
         root = Path(save_directory)
         model_dir = root / MODEL_SUBFOLDER

@@ -121,6 +121,8 @@ def test_pipeline_load_fuse_unload(tokenizer, adapter_dir, tmp_path):
     assert {k: v for k, v in pipe.transformer.state_dict().items()}.keys() == base_weights.keys()
 
     pipe.load_lora_weights(folder)
+    with pytest.raises(ValueError, match=r"A LoRA adapter is loaded.*fuse_lora\(\) then pipe.unload_lora_weights\(\)"):
+        pipe.save_pretrained(tmp_path / "refused")
     pipe.fuse_lora()
     assert_same(run(pipe.transformer), expected, atol=2e-5, rtol=1e-5)
     pipe.unload_lora_weights()  # fused weights stay, LoRA layers go
