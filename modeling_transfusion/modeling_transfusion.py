@@ -436,7 +436,7 @@ class TransfusionPreTrainedModel(PreTrainedModel):
                 f"A weights file under {pretrained_model_name_or_path} is truncated or corrupted "
                 f"({_damaged_files(pretrained_model_name_or_path) or error}); re-save or re-download the checkpoint"
             ) from error
-        vae = model.vae if isinstance(model, TransfusionForCausalLM) else getattr(model, "vae", None)
+        vae = getattr(model, "vae", None)  # TransfusionModel's attribute, TransfusionForCausalLM's property
         if vae is not None:
             vae.requires_grad_(False)  # loading re-wraps tensors as trainable parameters
         return model

@@ -93,10 +93,12 @@ class TransfusionPipeline(DiffusionPipeline):
             prompt = [prompt]
         if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
             raise ValueError(f"prompt must be a non-empty string or list of strings, got {prompt!r}")
+        negatives = None
         if negative_prompt is not None:
             negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
             if not isinstance(negatives, list) or len(negatives) not in (1, len(prompt)):
                 raise ValueError(f"negative_prompt must be a string or a list of {len(prompt)} strings")
+            negatives = negatives * (len(prompt) // len(negatives))  # one per prompt
         grid = self.transformer.config.vae_downsample * self.transformer.config.patch_size
         for name, value in (("height", height), ("width", width)):
             if value % grid:
@@ -114,7 +116,7 @@ class TransfusionPipeline(DiffusionPipeline):
             shape = (len(prompt) * n, c.latent_channels, c.latent_size, c.latent_size)
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        return prompt
+        return prompt, negatives
 
     def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None, do_cfg: bool):
         """Token rows `<|bos|> prompt <|boi|>` (then the unconditional/negative rows when guiding), left-padded."""
@@ -251,14 +253,11 @@ class TransfusionPipeline(DiffusionPipeline):
         bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(bad)} not in {self._callback_tensor_inputs}")
-        prompts = self.check_inputs(
+        prompts, negatives = self.check_inputs(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, latents, num_images_per_prompt
         )
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        negatives = None
-        if negative_prompt is not None:
-            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-            negatives = negatives * (len(prompt) if len(negatives) == 1 and not isinstance(prompt, str) else 1)
+        if negatives is not None:
             negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         do_cfg = guidance_scale > 1.0
 

@@ -268,3 +268,12 @@ def test_caption_bad_inputs_are_clear_errors(pipe):
         pipe.caption(PIL.Image.new("F", (8, 8)))
     with pytest.raises(ValueError, match="at least one image"):
         pipe.caption([])
+
+
+def test_negative_prompt_string_equals_one_per_prompt(pipe):
+    kwargs = dict(num_inference_steps=2, num_images_per_prompt=2, output_type="latent")
+    one = pipe(["a", "b"], negative_prompt="blurry", generator=[gen(i) for i in range(4)], **kwargs).images
+    listed = pipe(["a", "b"], negative_prompt=["blurry", "blurry"], generator=[gen(i) for i in range(4)], **kwargs).images
+    assert torch.equal(one, listed)
+    with pytest.raises(ValueError, match="negative_prompt must be a string or a list of 2 strings"):
+        pipe(["a", "b"], negative_prompt=["x", "y", "z"])
