@@ -27,7 +27,12 @@ from transformers import DynamicCache
 # Modes that convert to RGB without guessing a value range (16-bit and float images are refused).
 SUPPORTED_IMAGE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 MODEL_SUBFOLDER = "transformer"
-CODE_FILES = ("configuration_transfusion.py", "modeling_transfusion.py", "processing_transfusion.py")
+CODE_FILES = (
+    "configuration_transfusion.py",
+    "modeling_transfusion.py",
+    "patching_transfusion.py",
+    "processing_transfusion.py",
+)
 
 
 @dataclass
