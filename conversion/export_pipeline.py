@@ -16,6 +16,7 @@ or `--token`; creates the repository if needed).
 """
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -102,12 +103,20 @@ def load_components(model_path, tokenizer_path=None):
     return model, tokenizer, None
 
 
-def make_scheduler(model, name: str | None = None, current=None):
+def make_scheduler(model, name: str | None = None, current=None, overrides: dict | None = None):
     """The sampling scheduler: `name` (ddim | ddpm | dpm | flow-euler), else `current`, else DDIM (flow-euler for
-    flow-matching models), configured from the model's training noise schedule."""
+    flow-matching models), configured from the model's training noise schedule, with `overrides` of that config
+    (e.g. {"algorithm_type": "sde-dpmsolver++"})."""
     import diffusers
 
     config = model.config
+    if overrides:
+        base = make_scheduler(model, name, current)
+        accepted = set(inspect.signature(type(base).__init__).parameters) - {"self"}
+        unknown = sorted(set(overrides) - accepted)
+        if unknown:
+            raise ValueError(f"--scheduler-config: {unknown} not in {type(base).__name__}'s config; it takes {sorted(accepted)}")
+        return type(base).from_config(base.config, **overrides)
     if name is None and current is not None:
         return current
     flow = config.diffusion_type == "flow_matching"
@@ -166,7 +175,8 @@ def model_card(pipe, repo_id: str | None = None, base_model: str | None = None, 
         diffusion=c.diffusion_type,
         prediction=c.prediction_type,
         weight=c.diffusion_loss_weight,
-        scheduler=type(pipe.scheduler).__name__,
+        scheduler=type(pipe.scheduler).__name__
+        + (f" ({pipe.scheduler.config['algorithm_type']})" if "algorithm_type" in pipe.scheduler.config else ""),
         base_row=f"| Text initialised from | {base_model} |\n" if base_model else "",
         repo=repo_id or "path/to/this/folder",
         prompt="a red circle to the left of a blue square",
@@ -206,6 +216,8 @@ def main(argv=None):
     p.add_argument("--vae", help="AutoencoderKL folder whose weights replace the model's VAE")
     p.add_argument("--lora", help="LoRA adapter folder to fuse into the weights before saving")
     p.add_argument("--scheduler", choices=tuple(SCHEDULERS), help="sampling scheduler (default: keep, else ddim)")
+    p.add_argument("--scheduler-config", type=json.loads, default={},
+                   help='JSON overrides of the sampling scheduler config, e.g. \'{"algorithm_type": "sde-dpmsolver++"}\'')
     p.add_argument("--description", default="", help="a paragraph for the model card (or @file to read it from)")
     p.add_argument("--base-model", help="Hub id of the model the text part was initialised from (card metadata)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub repository afterwards")
@@ -226,7 +238,7 @@ def main(argv=None):
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # DESIGN §8: fused weights, plain keys
     description = Path(args.description[1:]).read_text() if args.description.startswith("@") else args.description
-    out = save_pipeline(model, tokenizer, args.output, make_scheduler(model, args.scheduler, scheduler),
+    out = save_pipeline(model, tokenizer, args.output, make_scheduler(model, args.scheduler, scheduler, args.scheduler_config),
                         args.push_to_hub, args.base_model, description)  # fmt: skip
     print(f"wrote the pipeline folder with a model card to {out}/")
     if args.push_to_hub:

@@ -63,6 +63,7 @@ EXAMPLES = (
 SCHEDULERS = {
     "DDIM": (DDIMScheduler, {}),
     "DPM-Solver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "DPM-Solver++ SDE": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
     "DDPM": (DDPMScheduler, {}),
     "Euler": (EulerDiscreteScheduler, {}),
 }
@@ -292,9 +293,13 @@ class TransfusionSpace:
         atexit.register(shutil.rmtree, self.image_dir, ignore_errors=True)
         flow = getattr(self.config, "diffusion_type", "ddpm") == "flow_matching"
         self.schedulers = FLOW_SCHEDULERS if flow else SCHEDULERS
-        loaded = type(pipe.scheduler).__name__
-        by_class = {cls.__name__: name for name, (cls, _) in self.schedulers.items()}
-        self.default_scheduler = by_class.get(loaded, next(iter(self.schedulers)))
+        loaded = pipe.scheduler
+        matches = [
+            name
+            for name, (cls, overrides) in self.schedulers.items()
+            if type(loaded) is cls and all(loaded.config.get(k) == v for k, v in overrides.items())
+        ]  # the checkpoint's own sampler, variant included
+        self.default_scheduler = matches[0] if matches else next(iter(self.schedulers))
         self.default_steps = int(pipe.scheduler.config.get("default_inference_steps") or 25)
         self.image_cost = self.config.image_slots + 2  # <|boi|> slots <|eoi|>
 

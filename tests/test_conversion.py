@@ -286,19 +286,25 @@ def test_export_pipeline_with_card_lora_and_scheduler(tmp_path, tokenizer, monke
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
     out = export_pipeline.main(["--model", str(tmp_path / "base"), "--output", str(tmp_path / "export"),
                                 "--lora", str(tmp_path / "adapter"), "--scheduler", "dpm",
+                                "--scheduler-config", '{"algorithm_type": "sde-dpmsolver++"}',
                                 "--description", "A tiny test model.", "--push-to-hub", "someone/tiny", "--private"])  # fmt: skip
     assert "pushed" in capsys.readouterr().out
     assert calls == [("token", None), ("create", "someone/tiny", True), ("upload", "export", "someone/tiny")]
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: diffusers" in card and "pipeline_tag: text-to-image" in card
     assert 'DiffusionPipeline.from_pretrained("someone/tiny", trust_remote_code=True)' in card and "A tiny test model." in card
-    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DPMSolverMultistepScheduler"
+    saved = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert (saved["_class_name"], saved["algorithm_type"]) == ("DPMSolverMultistepScheduler", "sde-dpmsolver++")
+    assert "`DPMSolverMultistepScheduler (sde-dpmsolver++)`" in card
     pipe = TransfusionPipeline.from_pretrained(out)
     with torch.no_grad():
         torch.testing.assert_close(pipe.transformer(input_ids=ids).logits, expected, atol=2e-5, rtol=1e-5)  # LoRA fused
 
     with pytest.raises(SystemExit):
         export_pipeline.main(["--model", str(out), "--output", str(out)])
+    with pytest.raises(ValueError, match=r"--scheduler-config: \['algorithm'\] not in DDIMScheduler's config"):
+        export_pipeline.main(["--model", str(out), "--output", str(tmp_path / "x"), "--scheduler", "ddim",
+                              "--scheduler-config", '{"algorithm": "sde"}'])  # fmt: skip
     other = AutoencoderKL.from_config({**TINY_VAE, "block_out_channels": [32, 32, 64]})
     other.save_pretrained(tmp_path / "other-vae")
     with pytest.raises(ValueError, match=r"block_out_channels: model \[32, 64, 64\] vs VAE \[32, 32, 64\]"):

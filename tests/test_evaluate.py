@@ -103,6 +103,16 @@ def test_compare_table_and_plot(folders, tmp_path, capsys):
     assert plot.stat().st_size > 0 and md.read_text() == table
 
 
+def test_scheduler_swap_keeps_the_noise_schedule_and_applies_overrides(folders):
+    pipe = evaluate.load_pipeline(str(folders / "pipe"), "cpu")
+    evaluate.set_scheduler(pipe, "dpm", {"algorithm_type": "sde-dpmsolver++"})
+    config = pipe.scheduler.config
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler" and config.algorithm_type == "sde-dpmsolver++"
+    assert config.beta_schedule == pipe.transformer.config.scheduler_config()["beta_schedule"]
+    with pytest.raises(ValueError, match=r"--scheduler-config: \['algorithm_type'\] not in DDIMScheduler's config"):
+        evaluate.set_scheduler(pipe, "ddim", {"algorithm_type": "sde-dpmsolver++"})
+
+
 def test_bad_flags_are_named():
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--tasks", "fashion,images"])

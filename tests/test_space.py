@@ -129,15 +129,22 @@ def test_named_endpoints(client):
     assert {"/generate", "/caption", "/chat"} <= set(endpoints)
 
 
-@pytest.mark.parametrize("scheduler", ["DDIM", "DPM-Solver++", "DDPM", "Euler"])
+@pytest.mark.parametrize("scheduler", ["DDIM", "DPM-Solver++", "DPM-Solver++ SDE", "DDPM", "Euler"])
 def test_generate_equals_the_pipeline(client, model_dir, scheduler):
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     gallery, status = client.predict("a red circle", "a blue square", 4, 2.5, 7, scheduler, 2, api_name="/generate")
     assert len(gallery) == 2 and "seed 7" in status and scheduler in status
-    classes = {"DDIM": DDIMScheduler, "DPM-Solver++": DPMSolverMultistepScheduler, "DDPM": DDPMScheduler}
+    classes = {
+        "DDIM": (DDIMScheduler, {}),
+        "DPM-Solver++": (DPMSolverMultistepScheduler, {}),
+        "DPM-Solver++ SDE": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),  # draws noise
+        "DDPM": (DDPMScheduler, {}),
+        "Euler": (EulerDiscreteScheduler, {}),
+    }
+    cls, overrides = classes[scheduler]
     reference = TransfusionPipeline.from_pretrained(model_dir)  # the scheduler swap starts from the saved config
-    reference.scheduler = classes.get(scheduler, EulerDiscreteScheduler).from_config(reference.scheduler.config)
+    reference.scheduler = cls.from_config(reference.scheduler.config, **overrides)
     reference.set_progress_bar_config(disable=True)
     expected = reference(
         "a red circle",
@@ -215,7 +222,7 @@ def test_chat_replies_with_images_over_several_turns(client, tmp_path):
         (("a red circle", "", 3, -0.5, 0, "DDIM", 1), "Guidance scale must be from 0 to 20, got -0.5"),
         (("a red circle", "", 3, 20.5, 0, "DDIM", 1), "Guidance scale must be from 0 to 20, got 20.5"),
         (("a red circle", "", 3, 3.0, 0, "DDIM", 9), "Number of images must be from 1 to 8, got 9"),
-        (("a red circle", "", 3, 3.0, 0, "LMS", 1), "Scheduler must be one of DDIM, DPM-Solver\\+\\+, DDPM, Euler"),
+        (("a red circle", "", 3, 3.0, 0, "LMS", 1), "Scheduler must be one of DDIM, DPM-Solver\\+\\+, DPM-Solver\\+\\+ SDE, DDPM, Euler"),
         (("a red circle", "", 3, 3.0, -2, "DDIM", 1), "Seed must be from -1 to"),
         (("circle " * 400, "", 3, 3.0, 0, "DDIM", 1), "The prompt is \\d+ tokens long; this model takes at most"),
     ],
@@ -307,6 +314,22 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFUSION_MODEL", str(missing))
     with pytest.raises(SystemExit, match=f"No Transfusion checkpoint at {missing}"):
         app.load_pipeline()
+
+
+@pytest.mark.parametrize(
+    "cls, overrides, expected",
+    [
+        ("DDIMScheduler", {}, "DDIM"),
+        ("DPMSolverMultistepScheduler", {}, "DPM-Solver++"),
+        ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "DPM-Solver++ SDE"),
+    ],
+)
+def test_default_scheduler_is_the_checkpoints_own_variant(pipe, cls, overrides, expected):
+    import diffusers
+
+    sampler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **overrides)
+    own = TransfusionPipeline(transformer=pipe.transformer, scheduler=sampler, tokenizer=pipe.tokenizer)
+    assert load_app().TransfusionSpace(own, 1).default_scheduler == expected
 
 
 def test_a_bare_model_folder_loads_as_a_pipeline(pipe, tmp_path):

@@ -24,6 +24,7 @@ Every metric is defined in docs/evaluation.md. Results depend only on the flags 
 """
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -205,22 +206,30 @@ def load_language_model(path: str | os.PathLike):
     return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def set_scheduler(pipe, name: str | None) -> None:
-    """Swap the pipeline's scheduler for `name` (ddim | dpm | ddpm | euler), built from its own config."""
+def set_scheduler(pipe, name: str | None, overrides: dict | None = None) -> None:
+    """Swap the pipeline's scheduler for `name` (ddim | dpm | ddpm | euler), built from its own config, then apply
+    `overrides` to that config (e.g. {"algorithm_type": "sde-dpmsolver++"})."""
     import diffusers
 
-    if name is None:
-        return
-    flow = pipe.transformer.config.diffusion_type == "flow_matching"
-    if flow:
-        if name != "euler":
-            raise ValueError(f"--scheduler {name}: a flow-matching model samples with 'euler' only")
-        cls = diffusers.FlowMatchEulerDiscreteScheduler
-    elif name in SCHEDULERS:
-        cls = getattr(diffusers, SCHEDULERS[name])
-    else:
-        raise ValueError(f"--scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    if name is not None:
+        flow = pipe.transformer.config.diffusion_type == "flow_matching"
+        if flow:
+            if name != "euler":
+                raise ValueError(f"--scheduler {name}: a flow-matching model samples with 'euler' only")
+            cls = diffusers.FlowMatchEulerDiscreteScheduler
+        elif name in SCHEDULERS:
+            cls = getattr(diffusers, SCHEDULERS[name])
+        else:
+            raise ValueError(f"--scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    if overrides:
+        # the class's own arguments: a config can carry keys of the scheduler it was converted from
+        accepted = set(inspect.signature(type(pipe.scheduler).__init__).parameters) - {"self"}
+        unknown = sorted(set(overrides) - accepted)
+        if unknown:
+            raise ValueError(f"--scheduler-config: {unknown} not in {type(pipe.scheduler).__name__}'s config; "
+                             f"it takes {sorted(accepted)}")  # fmt: skip
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **overrides)
 
 
 def default_steps(pipe) -> int:
@@ -480,7 +489,9 @@ def summary_rows(report: dict) -> dict[str, object]:
         "image attention / patching": f"{info.get('image_attention', '?')} / {info.get('patch_encoder', '?')} "
         f"p{info.get('patch_size', '?')}",
         "λ / noise limit": f"{info.get('diffusion_loss_weight', '?')} / {info.get('noise_limit_timestep')}",
-        "sampler": f"{cfg.get('scheduler_class')} {cfg.get('steps')} steps, guidance {cfg.get('guidance')}",
+        "sampler": f"{cfg.get('scheduler_class')} {cfg.get('steps')} steps"
+        + "".join(f", {k}={v}" for k, v in cfg.get("scheduler_config", {}).items())
+        + f", guidance {cfg.get('guidance')}",
     }
     if "fashion" in res:
         f = res["fashion"]
@@ -618,6 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("sampling")
     g.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: the pipeline's own scheduler")
     g.add_argument("--steps", type=int, help="denoising steps (default: DDPM 250, others 25)")
+    g.add_argument("--scheduler-config", type=json.loads, default={},
+                   help='JSON overrides of the scheduler config, e.g. \'{"algorithm_type": "sde-dpmsolver++"}\'')
     g.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (≤ 1: none)")
     g.add_argument("--seed", type=int, default=0, help="noise seed (each image has its own generator)")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the shapes prompts and scenes")
@@ -712,7 +725,7 @@ def main(argv=None) -> dict | str:
 
     pipe = load_pipeline(args.model, args.device)
     saved_scheduler = type(pipe.scheduler).__name__
-    set_scheduler(pipe, args.scheduler)
+    set_scheduler(pipe, args.scheduler, args.scheduler_config)
     args.steps = args.steps or default_steps(pipe)
     needs_classifier = {"fashion", "vae"} & set(args.tasks) or ("caption" in args.tasks and args.caption_per_class)
     ref = None
@@ -758,6 +771,7 @@ def main(argv=None) -> dict | str:
         "config": {
             "scheduler": args.scheduler or "pipeline default",
             "scheduler_class": type(pipe.scheduler).__name__,
+            "scheduler_config": args.scheduler_config,
             "steps": args.steps,
             "guidance": args.guidance,
             "seed": args.seed,
