@@ -7,6 +7,8 @@ Variants (Fashion-MNIST only, 20% image→caption rows, same seed, data and numb
   causal-image    image slots attend causally, as text does (paper: FID 61.3 → 20.3 when switching to bidirectional)
   no-noise-limit  image-first (captioning) rows drawn from the whole schedule (paper: CIDEr 25.4 → 29.4 with the limit)
   unet            U-Net down/up blocks instead of the linear patch layers (paper: better, especially at small scale)
+  lambda-1        λ = 1 instead of 5 in L = L_LM + λ·L_diffusion (the paper settles on 5)
+  lambda-20       λ = 20
 
 Each variant is trained by training/train.py into <out>/<variant>/ and evaluated by training/evaluate.py (text→image
 class accuracy and FD, captions); a finished variant is skipped on a rerun, so an interrupted run resumes. The table
@@ -28,6 +30,8 @@ VARIANTS = {
     "causal-image": LINEAR + ["--model-kwargs", json.dumps({"image_attention": "causal"})],
     "no-noise-limit": LINEAR + ["--noise-limit", "0"],
     "unet": ["--patch-encoder", "unet", "--unet-channels", "64", "128"],
+    "lambda-1": LINEAR + ["--diffusion-loss-weight", "1"],
+    "lambda-20": LINEAR + ["--diffusion-loss-weight", "20"],
 }
 
 
