@@ -15,7 +15,6 @@ is causal, and bidirectional among the slots of one image. The model predicts; a
 """
 
 import inspect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
