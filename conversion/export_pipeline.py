@@ -16,7 +16,6 @@ or `--token`; creates the repository if needed).
 """
 
 import argparse
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -111,12 +110,9 @@ def make_scheduler(model, name: str | None = None, current=None, overrides: dict
 
     config = model.config
     if overrides:
-        base = make_scheduler(model, name, current)
-        accepted = set(inspect.signature(type(base).__init__).parameters) - {"self"}
-        unknown = sorted(set(overrides) - accepted)
-        if unknown:
-            raise ValueError(f"--scheduler-config: {unknown} not in {type(base).__name__}'s config; it takes {sorted(accepted)}")
-        return type(base).from_config(base.config, **overrides)
+        from pipelines.pipeline_transfusion import reconfigure_scheduler
+
+        return reconfigure_scheduler(make_scheduler(model, name, current), overrides)
     if name is None and current is not None:
         return current
     flow = config.diffusion_type == "flow_matching"

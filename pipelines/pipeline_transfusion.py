@@ -580,6 +580,21 @@ class TransfusionPipeline(DiffusionPipeline):
         self._lora_fused = False
 
 
+def reconfigure_scheduler(scheduler, overrides: dict):
+    """A new scheduler of the same class with `overrides` of its config, e.g. {"algorithm_type": "sde-dpmsolver++"}.
+
+    Keys are checked against the class's own arguments: a diffusers config can carry keys of the scheduler it was
+    converted from, which the class ignores."""
+    import inspect
+
+    accepted = set(inspect.signature(type(scheduler).__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise ValueError(f"scheduler config overrides {unknown} are not in {type(scheduler).__name__}'s config; "
+                         f"it takes {sorted(accepted)}")  # fmt: skip
+    return type(scheduler).from_config(scheduler.config, **overrides)
+
+
 def _find_code_file(name: str, model_class) -> Path | None:
     """The model's source folder (package or remote-code cache) holds the code files to copy."""
     import inspect

@@ -302,7 +302,7 @@ def test_export_pipeline_with_card_lora_and_scheduler(tmp_path, tokenizer, monke
 
     with pytest.raises(SystemExit):
         export_pipeline.main(["--model", str(out), "--output", str(out)])
-    with pytest.raises(ValueError, match=r"--scheduler-config: \['algorithm'\] not in DDIMScheduler's config"):
+    with pytest.raises(ValueError, match=r"overrides \['algorithm'\] are not in DDIMScheduler's config"):
         export_pipeline.main(["--model", str(out), "--output", str(tmp_path / "x"), "--scheduler", "ddim",
                               "--scheduler-config", '{"algorithm": "sde"}'])  # fmt: skip
     other = AutoencoderKL.from_config({**TINY_VAE, "block_out_channels": [32, 32, 64]})
