@@ -141,6 +141,16 @@ def test_schedulers_swap_in(pipe, scheduler_class):
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
 
 
+@pytest.mark.parametrize(
+    "scheduler_class", [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler]
+)
+def test_samplers_built_from_the_model_config_skip_the_signal_free_last_timestep(pipe, scheduler_class):
+    """Every sampler spaces its steps the same way ("leading"), whatever its own default: none starts at t = 999."""
+    scheduler = scheduler_class.from_config(pipe.transformer.config.scheduler_config())
+    scheduler.set_timesteps(20)
+    assert int(scheduler.timesteps[0]) <= 950, scheduler.timesteps[:3]  # "linspace"/"trailing" start at 999
+
+
 def test_flow_matching_model_samples_with_flow_scheduler(tokenizer):
     pipe = make_pipe(tokenizer, FlowMatchEulerDiscreteScheduler, diffusion_type="flow_matching", prediction_type="flow")
     images = pipe("a red circle", num_inference_steps=4, generator=gen(0), output_type="np").images
