@@ -14,7 +14,7 @@ MODEL=${1:-checkpoints/transfusion-tiny}
 BASELINE=${2:-runs/text-baseline/final}
 PY=${PYTHON:-.venv/bin/python}
 EVAL=("$PY" -m training.evaluate --model "$MODEL" --threads "${THREADS:-2}")
-SDE='{"algorithm_type": "sde-dpmsolver++"}'
+SDE='{"algorithm_type": "sde-dpmsolver++"}' ODE='{"algorithm_type": "dpmsolver++"}'  # explicit: configs carry it over
 R=${OUT:-results}
 mkdir -p "$R/samplers" "$R/guidance"
 
@@ -25,7 +25,7 @@ mkdir -p "$R/samplers" "$R/guidance"
 # 2. Samplers on Fashion-MNIST at guidance 3, 200 images each (FD depends on the sample size: compare equal counts).
 fashion=(--tasks fashion --num-per-class 20)
 "${EVAL[@]}" "${fashion[@]}" --scheduler ddim --steps 20 --out "$R/samplers/ddim-20.json"
-"${EVAL[@]}" "${fashion[@]}" --scheduler dpm --steps 20 --out "$R/samplers/dpm-20.json"
+"${EVAL[@]}" "${fashion[@]}" --scheduler dpm --scheduler-config "$ODE" --steps 20 --out "$R/samplers/dpm-20.json"
 "${EVAL[@]}" "${fashion[@]}" --scheduler dpm --scheduler-config "$SDE" --steps 20 --out "$R/samplers/dpm-sde-20.json"
 "${EVAL[@]}" "${fashion[@]}" --scheduler dpm --scheduler-config "$SDE" --steps 25 --out "$R/samplers/dpm-sde-25.json"
 "${EVAL[@]}" "${fashion[@]}" --scheduler ddpm --steps 250 --out "$R/samplers/ddpm-250.json"
