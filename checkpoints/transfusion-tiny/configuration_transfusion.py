@@ -263,6 +263,10 @@ class TransfusionConfig(PreTrainedConfig):
             "beta_schedule": self.beta_schedule,
             "prediction_type": self.prediction_type,
             "clip_sample": False,
+            # Stated, not left to each sampler's default: DPM-Solver's "linspace" starts at t = 999, where the cosine
+            # schedule leaves almost no signal and an ε-prediction's x0 estimate blows up (prompted-class accuracy
+            # 0.14 instead of 0.86 on the bundled model). "leading" starts about one stride below (DDIM 950, DPM-Solver 940 at 20 steps).
+            "timestep_spacing": "leading",
         }
 
     @classmethod

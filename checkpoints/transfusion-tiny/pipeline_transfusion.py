@@ -27,7 +27,12 @@ from transformers import DynamicCache
 # Modes that convert to RGB without guessing a value range (16-bit and float images are refused).
 SUPPORTED_IMAGE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 MODEL_SUBFOLDER = "transformer"
-CODE_FILES = ("configuration_transfusion.py", "modeling_transfusion.py", "processing_transfusion.py")
+CODE_FILES = (
+    "configuration_transfusion.py",
+    "modeling_transfusion.py",
+    "patching_transfusion.py",
+    "processing_transfusion.py",
+)
 
 
 @dataclass
@@ -93,10 +98,12 @@ class TransfusionPipeline(DiffusionPipeline):
             prompt = [prompt]
         if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
             raise ValueError(f"prompt must be a non-empty string or list of strings, got {prompt!r}")
+        negatives = None
         if negative_prompt is not None:
             negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
             if not isinstance(negatives, list) or len(negatives) not in (1, len(prompt)):
                 raise ValueError(f"negative_prompt must be a string or a list of {len(prompt)} strings")
+            negatives = negatives * (len(prompt) // len(negatives))  # one per prompt
         grid = self.transformer.config.vae_downsample * self.transformer.config.patch_size
         for name, value in (("height", height), ("width", width)):
             if value % grid:
@@ -114,7 +121,7 @@ class TransfusionPipeline(DiffusionPipeline):
             shape = (len(prompt) * n, c.latent_channels, c.latent_size, c.latent_size)
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        return prompt
+        return prompt, negatives
 
     def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None, do_cfg: bool):
         """Token rows `<|bos|> prompt <|boi|>` (then the unconditional/negative rows when guiding), left-padded."""
@@ -251,14 +258,11 @@ class TransfusionPipeline(DiffusionPipeline):
         bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(bad)} not in {self._callback_tensor_inputs}")
-        prompts = self.check_inputs(
+        prompts, negatives = self.check_inputs(
             prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, latents, num_images_per_prompt
         )
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        negatives = None
-        if negative_prompt is not None:
-            negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
-            negatives = negatives * (len(prompt) if len(negatives) == 1 and not isinstance(prompt, str) else 1)
+        if negatives is not None:
             negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         do_cfg = guidance_scale > 1.0
 
@@ -455,6 +459,11 @@ class TransfusionPipeline(DiffusionPipeline):
         """Save a folder that loads with `TransfusionPipeline.from_pretrained`, with
         `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` and (model and processor) with
         `AutoModelForCausalLM/AutoProcessor.from_pretrained(dir + "/transformer", trust_remote_code=True)`."""
+        if getattr(self.transformer, "_hf_peft_config_loaded", False):
+            raise ValueError(
+                "A LoRA adapter is loaded: saving now would write its layers under prefixed keys that reload as fresh "
+                "weights. Call pipe.fuse_lora() then pipe.unload_lora_weights() first (or unload it without fusing)."
+            )
         super().save_pretrained(save_directory, **kwargs)
         root = Path(save_directory)
         model_dir = root / MODEL_SUBFOLDER
@@ -569,6 +578,21 @@ class TransfusionPipeline(DiffusionPipeline):
             param.requires_grad_(state.get("requires_grad", {}).get(param_name, param.requires_grad))
         self._lora_base_state = None
         self._lora_fused = False
+
+
+def reconfigure_scheduler(scheduler, overrides: dict):
+    """A new scheduler of the same class with `overrides` of its config, e.g. {"algorithm_type": "sde-dpmsolver++"}.
+
+    Keys are checked against the class's own arguments: a diffusers config can carry keys of the scheduler it was
+    converted from, which the class ignores."""
+    import inspect
+
+    accepted = set(inspect.signature(type(scheduler).__init__).parameters) - {"self", "kwargs"}
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise ValueError(f"scheduler config overrides {unknown} are not in {type(scheduler).__name__}'s config; "
+                         f"it takes {sorted(accepted)}")  # fmt: skip
+    return type(scheduler).from_config(scheduler.config, **overrides)
 
 
 def _find_code_file(name: str, model_class) -> Path | None:

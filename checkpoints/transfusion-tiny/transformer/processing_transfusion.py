@@ -69,10 +69,13 @@ class TransfusionProcessor(ProcessorMixin):
 
     @property
     def special_ids(self) -> dict[str, int]:
-        return {name: self._token_id(tok) for name, tok in [
-            ("bos", "<|bos|>"), ("eos", "<|eos|>"), ("pad", "<|pad|>"),
-            ("boi", "<|boi|>"), ("eoi", "<|eoi|>"), ("image", "<|image|>"),
-        ]}  # fmt: skip
+        """bos/eos/pad as the tokenizer declares them (a converted Llama tokenizer keeps its `<s>`, `</s>`), the image
+        tokens by name."""
+        ids = {name: self._token_id(tok) for name, tok in [("boi", "<|boi|>"), ("eoi", "<|eoi|>"), ("image", "<|image|>")]}
+        for name in ("bos", "eos", "pad"):
+            declared = getattr(self.tokenizer, f"{name}_token_id", None)
+            ids[name] = declared if declared is not None else self._token_id(f"<|{name}|>")
+        return ids
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of plain text; special-token strings in user text are not parsed as special tokens."""
