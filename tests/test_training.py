@@ -83,6 +83,18 @@ def test_short_run_writes_a_loadable_model_and_finite_losses(reference):
     assert torch.isfinite(model(**batch).loss)
 
 
+def test_init_from_starts_a_fresh_run_at_the_given_weights(assets, reference, tmp_path):
+    out = tmp_path / "init"
+    train_script.main(flags(assets, out, "--init-from", str(reference / "final"), "--max-steps", "1", "--lr", "0"))
+    assert [r["step"] for r in log_of(out)] == [1]  # a new run: its own step count and schedule
+    source = load_file(reference / "final" / "model.safetensors")
+    started = load_file(out / "final" / "model.safetensors")  # lr 0: one step leaves the weights where they began
+    for name, tensor in source.items():
+        torch.testing.assert_close(started[name], tensor, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"--init-from .*do not fit the model these flags build .*size mismatch"):
+        train_script.main(flags(assets, tmp_path / "wider", "--init-from", str(reference / "final"), "--hidden-size", "64"))
+
+
 def test_resume_continues_the_same_loss_curve_exactly(assets, reference, tmp_path):
     out = tmp_path / "resumed"
     train_script.main(flags(assets, out, "--grad-accum", "2", "--stop-at-step", "3"))

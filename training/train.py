@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=500, help="checkpoint (and final/) every N steps; 0: only at the end")
     g.add_argument("--keep-checkpoints", type=int, default=2)
     g.add_argument("--resume", nargs="?", const="auto", help="continue the latest checkpoint of --output-dir, or the given one")
+    g.add_argument("--init-from", help="start a fresh run (new optimizer and schedule) from the weights of a model or pipeline "
+                   "folder, e.g. checkpoints/transfusion-tiny; the model flags must describe the same architecture")
     g.add_argument("--sample-every", type=int, default=500, help="loss plot and sample grid every N steps (0: plot at the end only)")
     g.add_argument("--log-every", type=int, default=1, help="log.jsonl record every N steps")
     g = p.add_argument_group("runtime")
@@ -236,6 +238,23 @@ def build_model(config, vae_path: str, seed: int):
     model.model.vae.load_state_dict(AutoencoderKL.from_pretrained(vae_path).state_dict())
     model.model.vae.requires_grad_(False)
     return model
+
+
+def load_initial_weights(model, path: str) -> None:
+    """Copy the weights of a saved Transfusion (a model folder, or a pipeline folder's `transformer/`) into `model`."""
+    from modeling_transfusion import TransfusionForCausalLM
+
+    folder = Path(path)
+    folder = folder / "transformer" if (folder / "model_index.json").exists() else folder
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"--init-from {path}: no Transfusion model there (config.json missing in {folder})")
+    source = TransfusionForCausalLM.from_pretrained(folder)
+    try:
+        model.load_state_dict(source.state_dict())
+    except RuntimeError as err:
+        detail = str(err).split("\n\t")[1] if "\n\t" in str(err) else str(err)
+        raise ValueError(f"--init-from {path}: its weights do not fit the model these flags build ({detail}); give "
+                         "the same model flags as the run that made them (e.g. its --config)") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -560,6 +579,9 @@ def train(args) -> dict:
     tokenizer = load_tokenizer(args.tokenizer)
     config = build_config(args, tokenizer, vae_config_from(args.vae))
     model = build_model(config, args.vae, args.seed)
+    if args.init_from and resume_from is None:  # a resumed checkpoint already holds its weights
+        load_initial_weights(model, args.init_from)
+        say(f"initialised the weights from {args.init_from}")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     processor = TransfusionProcessor.from_model_config(tokenizer, config)
