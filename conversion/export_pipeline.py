@@ -24,12 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-    "flow-euler": "FlowMatchEulerDiscreteScheduler",
-}
+from pipelines.pipeline_transfusion import SCHEDULER_NAMES  # noqa: E402  (after the path insert above)
 
 CARD_TEMPLATE = """---
 {metadata}
@@ -103,24 +98,18 @@ def load_components(model_path, tokenizer_path=None):
 
 
 def make_scheduler(model, name: str | None = None, current=None, overrides: dict | None = None):
-    """The sampling scheduler: `name` (ddim | ddpm | dpm | flow-euler), else `current`, else DDIM (flow-euler for
+    """The sampling scheduler: `name` (see pipelines' SCHEDULER_NAMES), else `current`, else DDIM (flow-euler for
     flow-matching models), configured from the model's training noise schedule, with `overrides` of that config
     (e.g. {"algorithm_type": "sde-dpmsolver++"})."""
-    import diffusers
+    from pipelines.pipeline_transfusion import reconfigure_scheduler, scheduler_class
 
-    config = model.config
     if overrides:
-        from pipelines.pipeline_transfusion import reconfigure_scheduler
-
         return reconfigure_scheduler(make_scheduler(model, name, current), overrides)
     if name is None and current is not None:
         return current
-    flow = config.diffusion_type == "flow_matching"
-    name = name or ("flow-euler" if flow else "ddim")
-    if (name == "flow-euler") != flow:
-        raise ValueError(f"--scheduler {name} does not fit a {config.diffusion_type} model; use "
-                         f"{'flow-euler' if flow else 'ddim, ddpm or dpm'}")  # fmt: skip
-    return getattr(diffusers, SCHEDULERS[name]).from_config(config.scheduler_config())
+    config = model.config
+    name = name or ("flow-euler" if config.diffusion_type == "flow_matching" else "ddim")
+    return scheduler_class(name, config.diffusion_type).from_config(config.scheduler_config())
 
 
 def replace_vae(model, vae_path) -> None:
@@ -211,7 +200,7 @@ def main(argv=None):
     p.add_argument("--tokenizer", help="tokenizer folder (default: next to the model)")
     p.add_argument("--vae", help="AutoencoderKL folder whose weights replace the model's VAE")
     p.add_argument("--lora", help="LoRA adapter folder to fuse into the weights before saving")
-    p.add_argument("--scheduler", choices=tuple(SCHEDULERS), help="sampling scheduler (default: keep, else ddim)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), help="sampling scheduler (default: keep, else ddim)")
     p.add_argument("--scheduler-config", type=json.loads, default={},
                    help='JSON overrides of the sampling scheduler config, e.g. \'{"algorithm_type": "sde-dpmsolver++"}\'')
     p.add_argument("--description", default="", help="a paragraph for the model card (or @file to read it from)")

@@ -114,6 +114,20 @@ def test_scheduler_swap_keeps_the_noise_schedule_and_applies_overrides(folders):
         evaluate.set_scheduler(pipe, "ddim", {"algorithm_type": "sde-dpmsolver++"})
 
 
+def test_scheduler_names_are_checked_against_the_diffusion_type():
+    from pipelines.pipeline_transfusion import scheduler_class
+
+    assert scheduler_class("dpm", "ddpm").__name__ == "DPMSolverMultistepScheduler"
+    assert scheduler_class("euler", "ddpm").__name__ == "EulerDiscreteScheduler"
+    assert scheduler_class("euler", "flow_matching").__name__ == "FlowMatchEulerDiscreteScheduler"
+    with pytest.raises(ValueError, match=r"scheduler 'ddim' does not fit a flow_matching model; use flow-euler"):
+        scheduler_class("ddim", "flow_matching")
+    with pytest.raises(ValueError, match=r"scheduler 'flow-euler' does not fit a ddpm model; use ddim, ddpm, dpm or euler"):
+        scheduler_class("flow-euler", "ddpm")
+    with pytest.raises(ValueError, match=r"scheduler 'unipc'; expected one of \['ddim', 'ddpm', 'dpm', 'euler', 'flow-euler'\]"):
+        scheduler_class("unipc", "ddpm")
+
+
 def test_bad_flags_are_named():
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--tasks", "fashion,images"])

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pipelines.pipeline_transfusion import SCHEDULER_NAMES
 from training.data import (
     EVAL_CATEGORIES,
     FASHION_CLASSES,
@@ -58,12 +59,6 @@ from training.metrics import frechet_distance
 from training.report import compare_plot, compare_table, markdown_table, save_grid, summary_rows
 
 TASKS = ("fashion", "shapes", "caption", "text", "vae")
-SCHEDULERS = {  # --scheduler name → diffusers class for ε/v/x0 models (flow-matching models take only "euler")
-    "ddim": "DDIMScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-    "ddpm": "DDPMScheduler",
-    "euler": "EulerDiscreteScheduler",
-}
 FD_TARGET_RATIO = 1.5  # the issue's target: FD of generated images ≤ 1.5 × FD of the VAE's reconstructions
 # Seed streams: every generated image draws its noise from its own generator, seeded by (seed, stream, index).
 STREAM_FASHION, STREAM_SHAPES = 1, 2
@@ -207,24 +202,15 @@ def load_language_model(path: str | os.PathLike):
 
 
 def set_scheduler(pipe, name: str | None, overrides: dict | None = None) -> None:
-    """Swap the pipeline's scheduler for `name` (ddim | dpm | ddpm | euler), built from its own config, then apply
-    `overrides` to that config (e.g. {"algorithm_type": "sde-dpmsolver++"})."""
-    import diffusers
+    """Swap the pipeline's scheduler for `name` (see pipelines' SCHEDULER_NAMES; "euler" is flow-euler for a
+    flow-matching model), built from its own config, then apply `overrides` to that config (e.g.
+    {"algorithm_type": "sde-dpmsolver++"})."""
+    from pipelines.pipeline_transfusion import reconfigure_scheduler, scheduler_class
 
     if name is not None:
-        flow = pipe.transformer.config.diffusion_type == "flow_matching"
-        if flow:
-            if name != "euler":
-                raise ValueError(f"--scheduler {name}: a flow-matching model samples with 'euler' only")
-            cls = diffusers.FlowMatchEulerDiscreteScheduler
-        elif name in SCHEDULERS:
-            cls = getattr(diffusers, SCHEDULERS[name])
-        else:
-            raise ValueError(f"--scheduler {name!r}; expected one of {sorted(SCHEDULERS)}")
+        cls = scheduler_class(name, pipe.transformer.config.diffusion_type)
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
     if overrides:
-        from pipelines.pipeline_transfusion import reconfigure_scheduler
-
         pipe.scheduler = reconfigure_scheduler(pipe.scheduler, overrides)
 
 
@@ -485,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--classifier", default="checkpoints/fmnist-classifier", help="Fashion-MNIST classifier folder")
     g = p.add_argument_group("sampling")
-    g.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: the pipeline's own scheduler")
+    g.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), help="default: the pipeline's own scheduler")
     g.add_argument("--steps", type=int, help="denoising steps (default: DDPM 250, others 25)")
     g.add_argument("--scheduler-config", type=json.loads, default={},
                    help='JSON overrides of the scheduler config, e.g. \'{"algorithm_type": "sde-dpmsolver++"}\'')

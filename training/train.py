@@ -22,7 +22,6 @@ complete checkpoint and rewrites the log from there.
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -30,17 +29,24 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from training.checkpoints import (
+    CHECKPOINT_PREFIX,
+    CheckpointError,
+    TrainState,
+    portable_model_hooks,
+    resolve_resume,
+    save_checkpoint,
+    save_final,
+    verify_checkpoint,
+)
+from training.monitor import plot_losses, read_log, write_samples
+
 DEFAULT_STEPS = 2000
-CHECKPOINT_PREFIX = "step-"
-MANIFEST = "manifest.json"
-SAMPLE_PROMPTS = ("a photo of a t-shirt", "a photo of a trouser", "a photo of a sneaker", "a photo of a bag",
-                  "a red circle", "a blue square", "a green triangle to the left of a yellow circle", "two blue squares")
 # command-line flag → TransfusionConfig field
 MODEL_FLAGS = {
     "hidden_size": "hidden_size",
@@ -58,9 +64,6 @@ MODEL_FLAGS = {
     "max_position_embeddings": "max_position_embeddings",
 }
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from (missing, damaged or incompatible); the message names the file."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,7 +261,7 @@ def load_initial_weights(model, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Schedule, state, checkpoints
+# LR schedule and micro-batch seeds
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -286,211 +289,9 @@ class WarmupCosine:
         return self.final + (1.0 - self.final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-@dataclass
-class TrainState:
-    """Counters saved with every checkpoint (registered with accelerate)."""
-
-    step: int = 0
-    tokens: int = 0
-    examples: int = 0
-    train_seconds: float = 0.0
-    global_batch: int = 0
-    batch_size: int = 0
-    seed: int = 0
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-
-
 def micro_seed(seed: int, micro_index: int) -> int:
     """The torch seed of micro-batch `micro_index`: the model draws its noise, timesteps and dropout from it."""
     return int(np.random.SeedSequence([seed, 0x5EED, micro_index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_manifest(folder: Path) -> None:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
-
-
-def verify_checkpoint(folder: Path) -> None:
-    """Raise CheckpointError naming the first missing or damaged file of a checkpoint (checked against its manifest)."""
-    manifest = folder / MANIFEST
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint {folder} does not exist")
-    try:
-        entries = json.loads(manifest.read_text())["files"]
-    except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"checkpoint manifest {manifest} is missing or unreadable ({err}); the checkpoint is incomplete") from None
-    hint = f"delete {folder} to resume from the previous checkpoint, or start without --resume"
-    for name, info in entries.items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} is missing; {hint}")
-        if path.stat().st_size != info["size"] or _sha256(path) != info["sha256"]:
-            raise CheckpointError(f"checkpoint file {path} is corrupted (its checksum differs from {manifest}); {hint}")
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    found = []
-    for p in root.glob(f"{CHECKPOINT_PREFIX}*") if root.is_dir() else []:
-        suffix = p.name[len(CHECKPOINT_PREFIX) :]
-        if p.is_dir() and suffix.isdigit():
-            found.append((int(suffix), p))
-    return [p for _, p in sorted(found)]
-
-
-def save_checkpoint(accelerator, root: Path, step: int, keep: int) -> Path:
-    """accelerate `save_state` into step-N.tmp, a checksum manifest, then an atomic rename to step-N; prune to `keep`."""
-    final, tmp = root / f"{CHECKPOINT_PREFIX}{step}", root / f"{CHECKPOINT_PREFIX}{step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_manifest(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def save_final(accelerator, model, tokenizer, processor, out: Path) -> None:
-    """`save_pretrained` of the model, tokenizer and processor into `out` (written aside, then swapped in)."""
-    state_dict = accelerator.get_state_dict(model)  # collective under FSDP / DeepSpeed
-    if accelerator.is_main_process:
-        tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, save_function=accelerator.save)
-        tokenizer.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def portable_model_hooks(accelerator) -> None:
-    """Save and load the unwrapped model's weights (no DDP `module.` prefix) so a checkpoint resumes under any number
-    of processes. FSDP and DeepSpeed save their own sharded formats and are left alone."""
-    from safetensors.torch import load_model
-
-    def save_hook(models, weights, output_dir):
-        for i, model in enumerate(models[: len(weights)]):
-            weights[i] = accelerator.unwrap_model(model).state_dict()
-
-    def load_hook(models, input_dir):
-        for i, model in enumerate(models):
-            path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
-            load_model(accelerator.unwrap_model(model), str(path), device="cpu")
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Plots and samples
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def read_log(path: Path) -> list[dict]:
-    """The records of log.jsonl; a line torn by a kill mid-write is skipped."""
-    records = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
-
-
-def plot_losses(log_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_log(log_path)
-    if not records:
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key in zip(axes, ("loss", "lm_loss", "diffusion_loss")):
-        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-        if not points:
-            continue
-        steps, values = map(np.asarray, zip(*points))
-        ax.plot(steps, values, lw=0.6, alpha=0.35, color="C0")
-        smooth, ema = [], values[0]
-        for v in values:
-            ema = 0.95 * ema + 0.05 * v
-            smooth.append(ema)
-        ax.plot(steps, smooth, lw=1.5, color="C1", label="EMA 0.95")
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-
-
-def write_samples(model, tokenizer, png: Path, seed: int, prompts=SAMPLE_PROMPTS) -> str:
-    """A grid of text→image samples (20 DDIM steps, guidance 3) if the pipeline is importable; returns what happened."""
-    try:
-        from pipelines.pipeline_transfusion import TransfusionPipeline
-    except Exception as err:  # the pipeline lives in another package that may not be there yet
-        return f"sample grid skipped (pipeline not importable: {err})"
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
-
-    config = model.config
-    scheduler_cls = FlowMatchEulerDiscreteScheduler if config.diffusion_type == "flow_matching" else DDIMScheduler
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            pipe = TransfusionPipeline(transformer=model, scheduler=scheduler_cls.from_config(config.scheduler_config()), tokenizer=tokenizer)
-            pipe.set_progress_bar_config(disable=True)
-            generator = torch.Generator().manual_seed(seed)
-            images = pipe(prompt=list(prompts), num_inference_steps=20, guidance_scale=3.0, generator=generator).images
-    except Exception as err:
-        return f"sample grid failed: {type(err).__name__}: {err}"
-    finally:
-        model.train(was_training)
-    cols = 4
-    rows = math.ceil(len(images) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, prompt in zip(axes.flat, images, prompts):
-        ax.imshow(np.asarray(image))
-        ax.set_title(prompt if len(prompt) < 24 else prompt[:22] + "…", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return f"samples → {png}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -525,22 +326,6 @@ def forward_backward(accelerator, model, parts: list[dict]) -> torch.Tensor:
             stats[3] = 1.0
     return stats
 
-
-def resolve_resume(args, ckpt_root: Path) -> Path | None:
-    existing = list_checkpoints(ckpt_root)
-    if args.resume is None:
-        if existing:
-            raise CheckpointError(
-                f"{args.output_dir} already holds checkpoints (latest {existing[-1]}); pass --resume to continue that run, "
-                "or choose another --output-dir"
-            )
-        return None
-    if args.resume == "auto":
-        return existing[-1] if existing else None
-    path = Path(args.resume)
-    if not path.is_dir():
-        raise CheckpointError(f"--resume {path}: no such checkpoint folder")
-    return path
 
 
 def train(args) -> dict:
