@@ -114,6 +114,21 @@ def test_scheduler_swap_keeps_the_noise_schedule_and_applies_overrides(folders):
         evaluate.set_scheduler(pipe, "ddim", {"algorithm_type": "sde-dpmsolver++"})
 
 
+def test_the_sampler_row_names_the_dpm_solver_variant():
+    from training.report import summary_rows
+
+    def sampler(variant, overrides):
+        cfg = {"scheduler_class": "DPMSolverMultistepScheduler", "scheduler_variant": variant, "steps": 25,
+               "scheduler_config": overrides, "guidance": 3.0}  # fmt: skip
+        return summary_rows({"config": cfg})["sampler"]
+
+    assert sampler("sde-dpmsolver++", {}) == "DPMSolverMultistepScheduler (sde-dpmsolver++) 25 steps, guidance 3.0"
+    given = sampler("dpmsolver++", {"algorithm_type": "dpmsolver++", "solver_order": 3})
+    assert given == "DPMSolverMultistepScheduler (dpmsolver++) 25 steps, solver_order=3, guidance 3.0"
+    assert summary_rows({"config": {"scheduler_class": "DDIMScheduler", "steps": 20, "guidance": 1.0}})["sampler"] == (
+        "DDIMScheduler 20 steps, guidance 1.0")
+
+
 def test_scheduler_names_are_checked_against_the_diffusion_type():
     from pipelines.pipeline_transfusion import scheduler_class
 

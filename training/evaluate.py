@@ -615,6 +615,7 @@ def main(argv=None) -> dict | str:
         "config": {
             "scheduler": args.scheduler or "pipeline default",
             "scheduler_class": type(pipe.scheduler).__name__,
+            "scheduler_variant": pipe.scheduler.config.get("algorithm_type"),  # DPM-Solver: ODE or SDE, saved or given
             "scheduler_config": args.scheduler_config,
             "steps": args.steps,
             "guidance": args.guidance,

@@ -17,8 +17,10 @@ def summary_rows(report: dict) -> dict[str, object]:
         "image attention / patching": f"{info.get('image_attention', '?')} / {info.get('patch_encoder', '?')} "
         f"p{info.get('patch_size', '?')}",
         "λ / noise limit": f"{info.get('diffusion_loss_weight', '?')} / {info.get('noise_limit_timestep')}",
-        "sampler": f"{cfg.get('scheduler_class')} {cfg.get('steps')} steps"
-        + "".join(f", {k}={v}" for k, v in cfg.get("scheduler_config", {}).items())
+        "sampler": f"{cfg.get('scheduler_class')}"
+        + (f" ({cfg['scheduler_variant']})" if cfg.get("scheduler_variant") else "")
+        + f" {cfg.get('steps')} steps"
+        + "".join(f", {k}={v}" for k, v in cfg.get("scheduler_config", {}).items() if k != "algorithm_type")
         + f", guidance {cfg.get('guidance')}",
     }
     if "fashion" in res:
