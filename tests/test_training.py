@@ -106,6 +106,17 @@ def test_resume_continues_the_same_loss_curve_exactly(assets, reference, tmp_pat
         assert {k: a[k] for k in KEYS} == {k: b[k] for k in KEYS}, a["step"]
 
 
+def test_resume_with_a_longer_schedule_uses_it_from_the_first_step(assets, reference, tmp_path):
+    out = tmp_path / "longer"
+    train_script.main(flags(assets, out, "--grad-accum", "2", "--stop-at-step", "3"))
+    train_script.main(flags(assets, out, "--grad-accum", "2", "--resume", "--max-steps", "8"))
+    log = log_of(out)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6, 7, 8]
+    schedule = train_script.WarmupCosine(None, 8, 0.05)  # tiny-debug: peak lr 1e-3
+    for r in log[3:]:  # logged before each step: the LR of the 8-step schedule, the first resumed step included
+        assert r["lr"] == pytest.approx(1e-3 * schedule(r["step"] - 1), rel=1e-6), r["step"]
+
+
 def test_time_budget_fits_the_schedule_and_stops_cleanly(assets, tmp_path):
     out = tmp_path / "timed"
     train_script.main(flags(assets, out, "--max-steps", "0", "--minutes", "0.05", "--calibrate-steps", "3", "--save-every", "0"))

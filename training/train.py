@@ -425,6 +425,9 @@ def train(args) -> dict:
         if schedule.horizon is None and args.minutes is None:  # saved before its time budget was calibrated
             schedule.set_horizon(DEFAULT_STEPS, args.warmup_steps)
             say(f"note: {resume_from} has no fitted schedule and no --minutes was given: it now ends at step {DEFAULT_STEPS}")
+        # The optimizer holds the LR the saved schedule set; the next step must already use the schedule as it is now.
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * schedule(scheduler.last_epoch)
         say(f"resumed {resume_from} at step {state.step}")
     elif args.resume == "auto":
         say(f"no checkpoint in {ckpt_root}; starting fresh")
