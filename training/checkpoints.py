@@ -20,7 +20,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from (missing, damaged or incompatible); the message names the file."""
 
 
-
 @dataclass
 class TrainState:
     """Counters saved with every checkpoint (registered with accelerate)."""
@@ -134,7 +133,6 @@ def portable_model_hooks(accelerator) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
-
 
 
 def resolve_resume(args, ckpt_root: Path) -> Path | None:

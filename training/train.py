@@ -65,7 +65,6 @@ MODEL_FLAGS = {
 }
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
@@ -325,7 +324,6 @@ def forward_backward(accelerator, model, parts: list[dict]) -> torch.Tensor:
             stats[2] += out.diffusion_loss.detach().double()
             stats[3] = 1.0
     return stats
-
 
 
 def train(args) -> dict:
