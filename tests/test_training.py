@@ -213,7 +213,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(assets, refe
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _toy_dataset(seed=0, mix="fashion=0.4,shapes=0.4,text=0.2"):
+def _toy_dataset(seed=0, mix="fashion=0.4,shapes=0.4,text=0.2", image_first_prob=0.2):
     from training.collate import ImageSource
 
     images = {
@@ -221,7 +221,7 @@ def _toy_dataset(seed=0, mix="fashion=0.4,shapes=0.4,text=0.2"):
         for name in ("fashion", "shapes")
     }
     texts = [" ".join(f"word{i}" for i in range(n)) for n in (5, 80, 200)]
-    return MixtureDataset(images, texts, mix, image_first_prob=0.2, seed=seed)
+    return MixtureDataset(images, texts, mix, image_first_prob=image_first_prob, seed=seed)
 
 
 def test_stream_is_deterministic_and_follows_the_mixture():
@@ -236,6 +236,26 @@ def test_stream_is_deterministic_and_follows_the_mixture():
     assert all(text_only[i]["kind"] == "text" for i in range(200))
     with pytest.raises(ValueError, match="unknown mixture source"):
         parse_mix("fashion=1,mnist=1")
+
+
+def test_image_first_probability_per_source():
+    from training.collate import parse_image_first
+
+    same = _toy_dataset(0, image_first_prob="fashion=0.2,shapes=0.2")
+    assert [same[i]["kind"] for i in range(500)] == [_toy_dataset(0)[i]["kind"] for i in range(500)]
+    ds = _toy_dataset(0, image_first_prob={"fashion": 0.6, "shapes": 0.1})
+    examples = [ds[i] for i in range(6000)]
+    for source, expected in (("fashion", 0.6), ("shapes", 0.1)):
+        kinds = [e["kind"] for e in examples if e["kind"] != "text" and source in e["text"]]
+        assert kinds.count("image_caption") / len(kinds) == pytest.approx(expected, abs=0.03)
+    assert parse_image_first("fashion=0.5") == {"fashion": 0.5, "shapes": 0.2}
+    assert parse_image_first("0.3") == {"fashion": 0.3, "shapes": 0.3}
+    with pytest.raises(ValueError, match="unknown image source"):
+        parse_image_first("text=0.5")
+    with pytest.raises(ValueError, match=r"probabilities in \[0, 1\]"):
+        parse_image_first({"fashion": 1.5})
+    with pytest.raises(ValueError, match="name=probability pairs"):
+        parse_image_first("fashion:0.5")
 
 
 def test_micro_batches_of_w_processes_times_a_equal_one_process_times_wa():

@@ -5,7 +5,8 @@ The example stream
 ------------------
 Example ``i`` of the stream is a pure function of ``(seed, i)`` (:class:`MixtureDataset`): a source drawn by the
 mixture weights, an item of that source drawn uniformly (with replacement), and for an image the direction
-(caption→image with probability ``1 - image_first_prob``, else image→caption). Any position of the stream can be
+(caption→image with probability ``1 - image_first_prob``, else image→caption; one probability for every image source
+or one per source). Any position of the stream can be
 produced without replaying what came before, which is what makes resuming exact and sharding free.
 
 Rows (DESIGN §1, §5)
@@ -61,6 +62,34 @@ def parse_mix(mix) -> dict[str, float]:
         raise ValueError(f"mixture weights must be ≥ 0 and not all 0, got {weights}")
     total = sum(weights.values())
     return {k: w / total for k, w in weights.items()}
+
+
+def parse_image_first(value) -> dict[str, float]:
+    """Image→caption probability per image source, from one number (every source) or a dict or string
+    ``"fashion=0.4,shapes=0.3"`` (sources not named keep the paper's 0.2)."""
+    image_sources = list(IMAGE_SOURCES)
+    if isinstance(value, (int, float)):
+        probs = dict.fromkeys(image_sources, float(value))
+    else:
+        if isinstance(value, str):
+            try:
+                return parse_image_first(float(value))
+            except ValueError:
+                pairs = [p.split("=", 1) for p in value.replace(" ", "").split(",") if p]
+                if any(len(p) != 2 for p in pairs):
+                    raise ValueError(
+                        f"--image-first-prob {value!r}: expected a probability or name=probability pairs, e.g. "
+                        "0.2 or fashion=0.4,shapes=0.3"
+                    ) from None
+                value = {k: float(v) for k, v in pairs}
+        unknown = sorted(set(value) - set(image_sources))
+        if unknown:
+            raise ValueError(f"image_first_prob names unknown image source(s) {unknown}; allowed: {image_sources}")
+        probs = {k: float(value.get(k, 0.2)) for k in image_sources}
+    bad = {k: p for k, p in probs.items() if not 0.0 <= p <= 1.0}
+    if bad:
+        raise ValueError(f"image_first_prob {bad}: expected probabilities in [0, 1]")
+    return probs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,11 +202,10 @@ class MixtureDataset(Dataset):
         images: dict[str, ImageSource],
         texts: list[str],
         mix: dict[str, float] | str | None = None,
-        image_first_prob: float = 0.2,
+        image_first_prob: float | dict[str, float] | str = 0.2,
         seed: int = 0,
     ):
-        if not 0.0 <= image_first_prob <= 1.0:
-            raise ValueError(f"image_first_prob={image_first_prob}; expected a probability in [0, 1]")
+        first = parse_image_first(image_first_prob)
         weights = parse_mix(DEFAULT_MIX if mix is None else mix)
         sizes = {**{k: len(v) for k, v in images.items()}, "text": len(texts)}
         for name, weight in weights.items():
@@ -188,7 +216,8 @@ class MixtureDataset(Dataset):
         self.cumulative[-1] = 1.0
         self.sizes = np.array([sizes[k] for k in self.sources])
         self.images, self.texts = images, texts
-        self.image_first_prob, self.seed = image_first_prob, seed
+        self.image_first_prob, self.seed = first, seed
+        self._first = np.array([first.get(k, 0.0) for k in self.sources])  # by source index; text rows ignore it
 
     @lru_cache(maxsize=8)
     def _chunk(self, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -196,7 +225,7 @@ class MixtureDataset(Dataset):
         u = rng.random((4, self.CHUNK))
         source = np.searchsorted(self.cumulative, u[0], side="right").clip(max=len(self.sources) - 1)
         item = np.minimum((u[1] * self.sizes[source]).astype(np.int64), self.sizes[source] - 1)
-        return source, item, u[2] < self.image_first_prob, u[3]
+        return source, item, u[2] < self._first[source], u[3]
 
     def __len__(self) -> int:
         return 2**62  # endless; read through MicroBatchSampler

@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient-checkpointing", action="store_true")
     g = p.add_argument_group("data")
     g.add_argument("--mix", default="fashion=0.4,shapes=0.4,text=0.2", help="mixture weights of the three sources")
-    g.add_argument("--image-first-prob", type=float, default=0.2, help="share of image→caption rows (paper: 0.2)")
+    g.add_argument("--image-first-prob", default=0.2,
+                   help="share of image→caption rows (paper: 0.2): one number, or per source, e.g. fashion=0.4,shapes=0.3")
     g.add_argument("--max-text-tokens", type=int, default=64, help="text rows are cut to a window of this many tokens")
     g.add_argument("--max-examples", type=int, help="use only the first N items of every source (tests, debugging)")
     g.add_argument("--shapes-count", type=int, default=60_000, help="shapes-world training scenes")
@@ -168,6 +169,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--config {pre.config}: unknown key(s) {unknown}; the keys are this script's flags")
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
+    from training.collate import parse_image_first
+
+    try:
+        args.image_first_prob = parse_image_first(args.image_first_prob)
+    except ValueError as err:
+        parser.error(str(err))
     for name in ("batch_size", "grad_accum", "threads", "keep_checkpoints", "log_every", "calibrate_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; must be ≥ 1")
