@@ -5,13 +5,13 @@
 #   bash scripts/evaluate_bundled.sh [MODEL] [TEXT_BASELINE]
 #
 # MODEL defaults to checkpoints/transfusion-tiny, TEXT_BASELINE (a text-only model trained on as many text tokens,
-# see docs/evaluation.md) to runs/text-baseline-long/final. THREADS (default 2) and PYTHON (default .venv/bin/python) are
+# see docs/evaluation.md) to runs/text-baseline-3800/final. THREADS (default 2) and PYTHON (default .venv/bin/python) are
 # read from the environment. Outputs under OUT (default results): transfusion-tiny.{json,md} (+ sample grids),
 # samplers/, guidance/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-checkpoints/transfusion-tiny}
-BASELINE=${2:-runs/text-baseline-long/final}
+BASELINE=${2:-runs/text-baseline-3800/final}
 PY=${PYTHON:-.venv/bin/python}
 EVAL=("$PY" -m training.evaluate --model "$MODEL" --threads "${THREADS:-2}")
 SDE='{"algorithm_type": "sde-dpmsolver++"}' ODE='{"algorithm_type": "dpmsolver++"}'  # explicit: configs carry it over

@@ -580,6 +580,30 @@ class TransfusionPipeline(DiffusionPipeline):
         self._lora_fused = False
 
 
+SCHEDULER_NAMES = {  # short name (CLI flags) → diffusers class; a flow-matching model samples with flow-euler only
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "flow-euler": "FlowMatchEulerDiscreteScheduler",
+}
+
+
+def scheduler_class(name: str, diffusion_type: str):
+    """The diffusers scheduler class `name` stands for (see SCHEDULER_NAMES), checked against the model's diffusion
+    type; for a flow-matching model "euler" means flow-euler."""
+    import diffusers
+
+    if name not in SCHEDULER_NAMES:
+        raise ValueError(f"scheduler {name!r}; expected one of {sorted(SCHEDULER_NAMES)}")
+    flow = diffusion_type == "flow_matching"
+    name = "flow-euler" if flow and name == "euler" else name
+    if (name == "flow-euler") != flow:
+        raise ValueError(f"scheduler {name!r} does not fit a {diffusion_type} model; use "
+                         f"{'flow-euler' if flow else 'ddim, ddpm, dpm or euler'}")  # fmt: skip
+    return getattr(diffusers, SCHEDULER_NAMES[name])
+
+
 def reconfigure_scheduler(scheduler, overrides: dict):
     """A new scheduler of the same class with `overrides` of its config, e.g. {"algorithm_type": "sde-dpmsolver++"}.
 
