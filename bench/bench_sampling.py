@@ -31,10 +31,12 @@ from modeling_transfusion import TransfusionConfig, TransfusionForCausalLM, buil
 from pipelines import TransfusionPipeline  # noqa: E402
 
 
-def load(model_path: str | None, preset: str | None, max_prompt: int) -> TransfusionPipeline:
+def load(model_path: str | None, preset: str | None, max_prompt: int) -> tuple[TransfusionPipeline, str]:
+    """The pipeline to time and the name the report gives it."""
     if model_path and not preset and (Path(model_path) / "model_index.json").exists():
-        pipe = TransfusionPipeline.from_pretrained(model_path)
+        pipe, name = TransfusionPipeline.from_pretrained(model_path), model_path
     else:
+        name = f"random ({preset or 'bundled size'})"
         room = max(1024, max_prompt + 512)
         if preset:
             config = TransfusionConfig.from_preset(preset, max_position_embeddings=room)
@@ -45,7 +47,7 @@ def load(model_path: str | None, preset: str | None, max_prompt: int) -> Transfu
         tokenizer = build_tokenizer(["a photo of a dress", "a red circle"] * 50, vocab_size=300)
         pipe = TransfusionPipeline(model, DDIMScheduler.from_config(config.scheduler_config()), tokenizer)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe, name
 
 
 def clock(device: torch.device) -> float:
@@ -111,7 +113,8 @@ def main():
     if not 2 <= short < long:
         parser.error(f"--prompt-lengths {short} {long}: need 2 ≤ SHORT < LONG")
     device = torch.device(args.device)
-    pipe = load(args.model, args.preset, long).to(device, getattr(torch, args.dtype))
+    pipe, model_name = load(args.model, args.preset, long)
+    pipe = pipe.to(device, getattr(torch, args.dtype))
     sampler_seconds(pipe, DDIMScheduler, 2)  # warm-up: kernels, allocator, VAE
 
     per_step = {}
@@ -129,12 +132,6 @@ def main():
         "dpmsolver++_20": (DPMSolverMultistepScheduler, 20, {"algorithm_type": "dpmsolver++"}),
         "ddim_20": (DDIMScheduler, 20, {}),
     }
-    if args.preset:
-        model_name = f"random ({args.preset})"
-    elif (Path(args.model) / "model_index.json").exists():
-        model_name = args.model
-    else:
-        model_name = "random (bundled size)"
     result = {
         "model": model_name,
         "parameters_M": round(sum(p.numel() for p in pipe.transformer.parameters()) / 1e6, 2),

@@ -8,6 +8,7 @@ multi-process and kill tests need real subprocesses.
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -254,8 +255,11 @@ def test_image_first_probability_per_source():
         parse_image_first("text=0.5")
     with pytest.raises(ValueError, match=r"probabilities in \[0, 1\]"):
         parse_image_first({"fashion": 1.5})
-    with pytest.raises(ValueError, match="name=probability pairs"):
-        parse_image_first("fashion:0.5")
+    for bad in ("fashion:0.5", "fashion=half"):
+        with pytest.raises(ValueError, match="name=probability pairs"):
+            parse_image_first(bad)
+    with pytest.raises(ValueError, match="name=weight pairs"):
+        parse_mix("fashion=lots")
 
 
 def test_micro_batches_of_w_processes_times_a_equal_one_process_times_wa():
@@ -312,6 +316,12 @@ def test_help_and_config_file_errors(tmp_path, capsys):
     good.write_text("batch-size: 4\nlr: 0.01\n")
     args = train_script.parse_args(["--config", str(good), "--lr", "0.02"])
     assert (args.batch_size, args.lr) == (4, 0.02)
+    assert args.image_first_prob == {"fashion": 0.2, "shapes": 0.2}
+    for flag, value, message in (("--mix", "fashion=lots", "name=weight pairs"), ("--mix", "mnist=1", "unknown mixture"),
+                                 ("--image-first-prob", "fashion=2", r"probabilities in \[0, 1\]")):
+        with pytest.raises(SystemExit):
+            train_script.parse_args([flag, value])
+        assert re.search(message, capsys.readouterr().err), (flag, value)
 
 
 def test_schedule_warms_up_then_decays_to_a_twentieth():

@@ -47,13 +47,21 @@ DEFAULT_MIX = {"fashion": 0.4, "shapes": 0.4, "text": 0.2}
 KINDS = ("caption_image", "image_caption", "text")
 
 
+def parse_named_numbers(text: str, flag: str, expected: str) -> dict[str, float]:
+    """``"a=0.4,b=0.6"`` → ``{"a": 0.4, "b": 0.6}``; anything else is a ValueError naming `flag` and what it takes."""
+    pairs = [p.split("=", 1) for p in text.replace(" ", "").split(",") if p]
+    try:
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError
+        return {k: float(v) for k, v in pairs}
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected {expected}") from None
+
+
 def parse_mix(mix) -> dict[str, float]:
     """Mixture weights from a dict or a string ``"fashion=0.4,shapes=0.4,text=0.2"``; normalised to sum 1."""
     if isinstance(mix, str):
-        pairs = [p.split("=", 1) for p in mix.replace(" ", "").split(",") if p]
-        if any(len(p) != 2 for p in pairs):
-            raise ValueError(f"--mix {mix!r}: expected comma-separated name=weight pairs, e.g. fashion=0.4,shapes=0.4,text=0.2")
-        mix = {k: float(v) for k, v in pairs}
+        mix = parse_named_numbers(mix, "--mix", "comma-separated name=weight pairs, e.g. fashion=0.4,shapes=0.4,text=0.2")
     unknown = sorted(set(mix) - set(SOURCES))
     if unknown:
         raise ValueError(f"unknown mixture source(s) {unknown}; allowed: {SOURCES}")
@@ -67,25 +75,20 @@ def parse_mix(mix) -> dict[str, float]:
 def parse_image_first(value) -> dict[str, float]:
     """Image→caption probability per image source, from one number (every source) or a dict or string
     ``"fashion=0.4,shapes=0.3"`` (sources not named keep the paper's 0.2)."""
-    image_sources = list(IMAGE_SOURCES)
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            value = parse_named_numbers(
+                value, "--image-first-prob", "a probability or name=probability pairs, e.g. 0.2 or fashion=0.4,shapes=0.3"
+            )
     if isinstance(value, (int, float)):
-        probs = dict.fromkeys(image_sources, float(value))
+        probs = dict.fromkeys(IMAGE_SOURCES, float(value))
     else:
-        if isinstance(value, str):
-            try:
-                return parse_image_first(float(value))
-            except ValueError:
-                pairs = [p.split("=", 1) for p in value.replace(" ", "").split(",") if p]
-                if any(len(p) != 2 for p in pairs):
-                    raise ValueError(
-                        f"--image-first-prob {value!r}: expected a probability or name=probability pairs, e.g. "
-                        "0.2 or fashion=0.4,shapes=0.3"
-                    ) from None
-                value = {k: float(v) for k, v in pairs}
-        unknown = sorted(set(value) - set(image_sources))
+        unknown = sorted(set(value) - set(IMAGE_SOURCES))
         if unknown:
-            raise ValueError(f"image_first_prob names unknown image source(s) {unknown}; allowed: {image_sources}")
-        probs = {k: float(value.get(k, 0.2)) for k in image_sources}
+            raise ValueError(f"image_first_prob names unknown image source(s) {unknown}; allowed: {list(IMAGE_SOURCES)}")
+        probs = {k: float(value.get(k, 0.2)) for k in IMAGE_SOURCES}
     bad = {k: p for k, p in probs.items() if not 0.0 <= p <= 1.0}
     if bad:
         raise ValueError(f"image_first_prob {bad}: expected probabilities in [0, 1]")

@@ -169,10 +169,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--config {pre.config}: unknown key(s) {unknown}; the keys are this script's flags")
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
-    from training.collate import parse_image_first
+    from training.collate import parse_image_first, parse_mix
 
     try:
         args.image_first_prob = parse_image_first(args.image_first_prob)
+        parse_mix(args.mix)  # checked here for a usage error; main() parses it again
     except ValueError as err:
         parser.error(str(err))
     for name in ("batch_size", "grad_accum", "threads", "keep_checkpoints", "log_every", "calibrate_steps"):
