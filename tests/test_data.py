@@ -2,6 +2,9 @@
 evaluation helpers (Fréchet distance, VAE save/load). Needs no trained checkpoint."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +34,8 @@ from training.data import (
     text_split_of,
 )
 from training.metrics import frechet_distance
+
+ROOT = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(int(os.environ.get("TRANSFUSION_THREADS", "1")))
 
@@ -64,6 +69,15 @@ def test_fashion_missing_folder_names_the_package(tmp_path, monkeypatch):
         load_fashion_mnist("train")
     with pytest.raises(ValueError, match="split"):
         load_fashion_mnist("validation", folder=tmp_path)
+
+
+def test_fashion_folder_from_environment(tmp_path):
+    """FASHION_MNIST_DIR replaces the Debian folder (read when the module is imported: run in a fresh process)."""
+    code = "from training import data; print(data.FASHION_DIR); data.load_fashion_mnist('test')"
+    env = {**os.environ, "FASHION_MNIST_DIR": str(tmp_path / "elsewhere")}
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode != 0 and run.stdout.strip() == str(tmp_path / "elsewhere")
+    assert "FASHION_MNIST_DIR" in run.stderr and "elsewhere not found" in run.stderr
 
 
 def test_fashion_to_tensor_pads_with_background_and_repeats_grey():

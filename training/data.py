@@ -47,7 +47,8 @@ from torch.utils.data import Dataset
 # Fashion-MNIST
 # ----------------------------------------------------------------------------------------------------------------
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+# The Debian package's folder; FASHION_MNIST_DIR points elsewhere (the same four idx .gz files, e.g. on a GPU host)
+FASHION_DIR = Path(os.environ.get("FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
 FASHION_SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 
@@ -83,7 +84,8 @@ def _load_fashion_cached(split: str, folder: str) -> tuple[np.ndarray, np.ndarra
 
 
 def load_fashion_mnist(split: str = "train", folder: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Load Fashion-MNIST from the Debian package: uint8 images (N, 28, 28) and int64 labels (N,).
+    """Load Fashion-MNIST from the Debian package (or `folder`, or $FASHION_MNIST_DIR): uint8 images (N, 28, 28) and
+    int64 labels (N,).
 
     `split` is "train" (60,000) or "test" (10,000). The arrays are cached and read-only; copy before editing.
     """
@@ -93,7 +95,8 @@ def load_fashion_mnist(split: str = "train", folder: str | os.PathLike | None = 
     if not root.is_dir():
         raise FileNotFoundError(
             f"Fashion-MNIST folder {root} not found. "
-            "Install the Debian package: apt-get install -y dataset-fashion-mnist"
+            "Install the Debian package: apt-get install -y dataset-fashion-mnist "
+            "(or set FASHION_MNIST_DIR to a folder holding its four idx .gz files)"
         )
     return _load_fashion_cached(split, str(root))
 
