@@ -112,6 +112,9 @@ def test_scheduler_swap_keeps_the_noise_schedule_and_applies_overrides(folders):
     message = r"overrides \['algorithm_type'\] are not in DDIMScheduler's config; it takes \[.*'timestep_spacing'"
     with pytest.raises(ValueError, match=message):
         evaluate.set_scheduler(pipe, "ddim", {"algorithm_type": "sde-dpmsolver++"})
+    assert evaluate.scheduler_variant(pipe.scheduler) == "sde-dpmsolver++"
+    evaluate.set_scheduler(pipe, "ddim")  # built from the DPM-Solver config, which carries algorithm_type along
+    assert "algorithm_type" in pipe.scheduler.config and evaluate.scheduler_variant(pipe.scheduler) is None
 
 
 def test_the_sampler_row_names_the_dpm_solver_variant():

@@ -207,11 +207,23 @@ def set_scheduler(pipe, name: str | None, overrides: dict | None = None) -> None
     {"algorithm_type": "sde-dpmsolver++"})."""
     from pipelines.pipeline_transfusion import reconfigure_scheduler, scheduler_class
 
+    scheduler = pipe.scheduler
     if name is not None:
         cls = scheduler_class(name, pipe.transformer.config.diffusion_type)
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        scheduler = cls.from_config(scheduler.config)
     if overrides:
-        pipe.scheduler = reconfigure_scheduler(pipe.scheduler, overrides)
+        scheduler = reconfigure_scheduler(scheduler, overrides)
+    pipe.scheduler = scheduler  # only once both steps succeeded: a rejected override leaves the pipeline as it was
+
+
+def scheduler_variant(scheduler) -> str | None:
+    """DPM-Solver's `algorithm_type` (ODE or SDE), or None for a scheduler that takes no such setting: a DDIM built
+    from a DPM-Solver config carries the key over without using it."""
+    import inspect
+
+    if "algorithm_type" not in inspect.signature(type(scheduler).__init__).parameters:
+        return None
+    return scheduler.config.get("algorithm_type")
 
 
 def default_steps(pipe) -> int:
@@ -615,7 +627,7 @@ def main(argv=None) -> dict | str:
         "config": {
             "scheduler": args.scheduler or "pipeline default",
             "scheduler_class": type(pipe.scheduler).__name__,
-            "scheduler_variant": pipe.scheduler.config.get("algorithm_type"),  # DPM-Solver: ODE or SDE, saved or given
+            "scheduler_variant": scheduler_variant(pipe.scheduler),
             "scheduler_config": args.scheduler_config,
             "steps": args.steps,
             "guidance": args.guidance,
