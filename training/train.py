@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--diffusion-type", choices=("ddpm", "flow_matching"))
     g.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample", "flow"))
     g.add_argument("--diffusion-loss-weight", type=float, help="λ in L = L_LM + λ·L_diffusion (paper: 5)")
-    g.add_argument("--noise-limit", type=int, help="largest t for an image before its caption (paper: 500; 0 disables)")
+    g.add_argument("--noise-limit", type=int, help="an image before its caption gets t < N (paper: 500; the bundled model ends with 100; 0 disables)")
     g.add_argument("--caption-drop", type=float, help="caption dropout probability for classifier-free guidance")
     g.add_argument("--max-position-embeddings", type=int)
     g.add_argument("--model-kwargs", type=json.loads, help='more TransfusionConfig fields as JSON, e.g. \'{"rms_norm_eps": 1e-5}\'')
