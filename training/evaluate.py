@@ -219,9 +219,9 @@ def set_scheduler(pipe, name: str | None, overrides: dict | None = None) -> None
 def scheduler_variant(scheduler) -> str | None:
     """DPM-Solver's `algorithm_type` (ODE or SDE), or None for a scheduler that takes no such setting: a DDIM built
     from a DPM-Solver config carries the key over without using it."""
-    import inspect
+    from pipelines.pipeline_transfusion import scheduler_arguments
 
-    if "algorithm_type" not in inspect.signature(type(scheduler).__init__).parameters:
+    if "algorithm_type" not in scheduler_arguments(scheduler):
         return None
     return scheduler.config.get("algorithm_type")
 

@@ -604,14 +604,18 @@ def scheduler_class(name: str, diffusion_type: str):
     return getattr(diffusers, SCHEDULER_NAMES[name])
 
 
-def reconfigure_scheduler(scheduler, overrides: dict):
-    """A new scheduler of the same class with `overrides` of its config, e.g. {"algorithm_type": "sde-dpmsolver++"}.
-
-    Keys are checked against the class's own arguments: a diffusers config can carry keys of the scheduler it was
-    converted from, which the class ignores."""
+def scheduler_arguments(scheduler) -> set[str]:
+    """The config keys the scheduler's class takes. A diffusers config can also carry keys of the scheduler it was
+    converted from, which the class ignores (a DDIM built from a DPM-Solver config keeps `algorithm_type`)."""
     import inspect
 
-    accepted = set(inspect.signature(type(scheduler).__init__).parameters) - {"self", "kwargs"}
+    return set(inspect.signature(type(scheduler).__init__).parameters) - {"self", "kwargs"}
+
+
+def reconfigure_scheduler(scheduler, overrides: dict):
+    """A new scheduler of the same class with `overrides` of its config, e.g. {"algorithm_type": "sde-dpmsolver++"};
+    keys are checked against the class's own arguments (`scheduler_arguments`)."""
+    accepted = scheduler_arguments(scheduler)
     unknown = sorted(set(overrides) - accepted)
     if unknown:
         raise ValueError(f"scheduler config overrides {unknown} are not in {type(scheduler).__name__}'s config; "
