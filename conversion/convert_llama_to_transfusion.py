@@ -39,7 +39,7 @@ IMAGE_TOKENS = {"boi": "<|boi|>", "eoi": "<|eoi|>", "image": "<|image|>"}
 PAD_TOKEN = "<|pad|>"
 # image-path settings when no --vae is given: the tiny preset's (32×32 RGB → 8×8×4 latents, 2×2 patches)
 DEFAULT_IMAGE = {"latent_size": 8, "patch_size": 2, "patch_encoder": "linear"}
-IMAGE_PREFIXES = ("model.image_encoder.", "model.image_decoder.", "model.time_embed.", "model.vae.")
+IMAGE_PREFIXES = ("model.patch_encoder.", "model.patch_decoder.", "model.time_embed.", "model.vae.")
 
 
 def check_source_config(config) -> None:

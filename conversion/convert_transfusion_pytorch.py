@@ -15,8 +15,8 @@ What maps (exact tensor copies, or exact re-arrangements):
     layers.i.2.fn.net.3 · (1+layerscale) → down_proj (+ bias)
     layers.i.{1,2}.layernorm_gamma + 1   → input_layernorm / post_attention_layernorm weights
     transformer.norm.gamma + 1           → model.norm.weight
-    latent_to_model_projs.0              → model.image_encoder.proj (patch size 1: one token per latent pixel)
-    −model_to_latent_projs.0             → model.image_decoder.proj_out (its flow is data − noise; ours noise − data)
+    latent_to_model_projs.0              → model.patch_encoder.proj (patch size 1: one token per latent pixel)
+    −model_to_latent_projs.0             → model.patch_decoder.proj_out (its flow is data − noise; ours noise − data)
     rotary_emb.freqs                     → rope_parameters.rope_theta (checked to be a standard RoPE table)
 
 Special ids: <|bos|> = its sos id (num_text_tokens), <|eos|> = eos, <|pad|> = its null-text id, <|boi|>/<|eoi|> = its
@@ -224,13 +224,13 @@ def map_state_dict(state: dict, config) -> tuple[dict, dict]:
         rows = take(src, (vocab, D))
         out[dst] = torch.cat([rows, rows[: c.bos_token_id].mean(0, keepdim=True)])  # <|image|>: mean of the text rows
     if "latent_to_model_projs.0.weight" in state:
-        out["model.image_encoder.proj.weight"] = take("latent_to_model_projs.0.weight", (D, c.patch_dim))
-        out["model.image_encoder.proj.bias"] = take("latent_to_model_projs.0.bias", (D,))
+        out["model.patch_encoder.proj.weight"] = take("latent_to_model_projs.0.weight", (D, c.patch_dim))
+        out["model.patch_encoder.proj.bias"] = take("latent_to_model_projs.0.bias", (D,))
     else:  # nn.Identity when dim_latent == dim
-        out["model.image_encoder.proj.weight"] = torch.eye(D, c.patch_dim)
-        out["model.image_encoder.proj.bias"] = torch.zeros(D)
-    out["model.image_decoder.proj_out.weight"] = -take("model_to_latent_projs.0.weight", (c.patch_dim, D))
-    out["model.image_decoder.proj_out.bias"] = torch.zeros(c.patch_dim)
+        out["model.patch_encoder.proj.weight"] = torch.eye(D, c.patch_dim)
+        out["model.patch_encoder.proj.bias"] = torch.zeros(D)
+    out["model.patch_decoder.proj_out.weight"] = -take("model_to_latent_projs.0.weight", (c.patch_dim, D))
+    out["model.patch_decoder.proj_out.bias"] = torch.zeros(c.patch_dim)
 
     left = sorted(set(state) - used)
     dropped, unexpected = {}, []

@@ -206,8 +206,8 @@ def test_transfusion_pytorch_tensors_land_where_mapped(tmp_path, capsys):
     torch.testing.assert_close(sd["model.layers.0.mlp.gate_proj.bias"], src["transformer.layers.0.2.fn.net.0.bias"][21:])
     torch.testing.assert_close(sd["model.layers.0.input_layernorm.weight"], src["transformer.layers.0.1.layernorm_gamma"] + 1)
     torch.testing.assert_close(sd["model.norm.weight"], src["transformer.norm.gamma"] + 1)
-    torch.testing.assert_close(sd["model.image_encoder.proj.weight"], src["latent_to_model_projs.0.weight"])
-    torch.testing.assert_close(sd["model.image_decoder.proj_out.weight"], -src["model_to_latent_projs.0.weight"])
+    torch.testing.assert_close(sd["model.patch_encoder.proj.weight"], src["latent_to_model_projs.0.weight"])
+    torch.testing.assert_close(sd["model.patch_decoder.proj_out.weight"], -src["model_to_latent_projs.0.weight"])
     assert (c.diffusion_type, c.prediction_type, c.patch_size, c.patch_dim) == ("flow_matching", "flow", 1, 4)
 
 

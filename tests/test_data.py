@@ -263,8 +263,10 @@ def test_vae_save_load_round_trip(tmp_path):
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mode()
         assert z.shape == (2, 4, 16, 16)
-        assert torch.equal(loaded.encode(x).latent_dist.mode(), z)
-        assert torch.equal(loaded.decode(z).sample, vae.decode(z).sample)
+        # weights bit for bit; outputs up to float32 kernel choice (loaded tensors are memory-mapped)
+        assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), loaded.state_dict().values()))
+        torch.testing.assert_close(loaded.encode(x).latent_dist.mode(), z, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loaded.decode(z).sample, vae.decode(z).sample, atol=1e-5, rtol=1e-5)
 
 
 def test_classifier_save_load_round_trip(tmp_path):
@@ -277,7 +279,8 @@ def test_classifier_save_load_round_trip(tmp_path):
     loaded = load_classifier(tmp_path)
     with torch.no_grad():
         assert model.features(x).shape == (4, model.config.feature_dim)
-        assert torch.equal(loaded(x), model(x))
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)  # float32 kernel choice may differ
     assert loaded.embed(x).shape == (4, 128) and loaded.predict(x).shape == (4,)
     with pytest.raises(FileNotFoundError, match="training.classifier"):
         load_classifier(tmp_path / "missing")

@@ -45,6 +45,11 @@ def assert_same(a, b, **kw):
         torch.testing.assert_close(x, y, **kw)
 
 
+# Outputs of weights loaded from a file: safetensors memory-maps them, and another alignment can pick another float32
+# CPU kernel (differences of ~1e-7 on some machines). The same tensors in memory compare bit for bit.
+LOADED = {"atol": 1e-5, "rtol": 1e-5}
+
+
 def lora_model(seed=0, **kwargs):
     return add_lora(tiny_model(seed), rank=4, init_lora_weights=False, **kwargs).eval()
 
@@ -93,7 +98,7 @@ def test_save_then_load_adapter_on_fresh_model_is_identical(adapter_dir):
     assert set(saved["target_modules"]) == set(DEFAULT_TARGETS)
     fresh = tiny_model(0)
     fresh.load_adapter(str(folder))
-    assert_same(run(fresh), expected, rtol=0, atol=0)
+    assert_same(run(fresh), expected, **LOADED)
 
 
 def test_merge_and_unload_equals_active_adapter():
@@ -111,7 +116,7 @@ def test_pipeline_load_fuse_unload(tokenizer, adapter_dir, tmp_path):
     base_weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
 
     pipe.load_lora_weights(folder)
-    assert_same(run(pipe.transformer), expected, rtol=0, atol=0)
+    assert_same(run(pipe.transformer), expected, **LOADED)
     adapted_sample = sample(pipe)
     assert not torch.allclose(adapted_sample, base_sample)
 
@@ -194,7 +199,7 @@ def test_finetune_script_writes_a_loadable_adapter(tokenizer, tmp_path, capsys):
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
     config = json.loads((out / "adapter_config.json").read_text())
-    assert set(config["modules_to_save"]) == {"image_encoder", "image_decoder", "time_embed"}
+    assert set(config["modules_to_save"]) == {"patch_encoder", "patch_decoder", "time_embed"}
 
     pipe = TransfusionPipeline.from_pretrained(tmp_path / "base")
     base = run(pipe.transformer)

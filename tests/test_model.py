@@ -148,8 +148,15 @@ def test_save_load_native_identical(tmp_path, patch_encoder):
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is TransfusionForCausalLM
+    # The weights come back bit for bit ...
+    saved, restored = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == restored.keys()
+    for name in saved:
+        assert torch.equal(saved[name], restored[name]), name
+    # ... the outputs up to float32 kernel choice: loaded tensors are memory-mapped, and another alignment can pick
+    # another CPU kernel (differences of ~1e-7 on some machines).
     for a, b in zip(ref, _reference_outputs(loaded, ids, latents, t)):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     # buffers re-created by _init_weights after loading (RoPE) equal the originals
     torch.testing.assert_close(loaded.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
     # the VAE stays frozen after loading

@@ -222,7 +222,8 @@ def test_save_load_round_trip_in_process(tmp_path, pipe):
     assert type(loaded.scheduler) is DDIMScheduler
     a = pipe("a red circle", num_inference_steps=3, generator=gen(0), output_type="latent").images
     b = loaded("a red circle", num_inference_steps=3, generator=gen(0), output_type="latent").images
-    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    # loaded weights are memory-mapped: another alignment can pick another float32 kernel (~1e-7 on some CPUs)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert len(list(tmp_path.rglob("*.safetensors"))) == 1  # weights stored once (the VAE lives in the model)
 
 

@@ -45,7 +45,7 @@ if str(ROOT) not in sys.path:
 DEFAULT_BASE = "checkpoints/transfusion-tiny"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # trained in full (not LoRA) with --train-patch-modules: everything on the image path outside the backbone but the VAE
-PATCH_MODULES = ("image_encoder", "image_decoder", "time_embed")
+PATCH_MODULES = ("patch_encoder", "patch_decoder", "time_embed")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
