@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from diffusers import DDIMScheduler  # noqa: E402
 
-from modeling_transfusion import TransfusionConfig, TransfusionForCausalLM, build_tokenizer  # noqa: E402
+from modeling_transfusion import TransfusionConfig, TransfusionDiffusionObjective, TransfusionForCausalLM, build_tokenizer  # noqa: E402
 from pipelines import TransfusionPipeline  # noqa: E402
 
 TP_VERSION = "0.20.0"
@@ -184,11 +184,12 @@ class OurSide:
         self.prompt_tokens = len(tokenizer(PROMPT, add_special_tokens=False)["input_ids"])
         self.calls = 0
         self.model.register_forward_pre_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+        self.objective = TransfusionDiffusionObjective(config)
 
     def train(self) -> float:
         self.model.train()
         start = time.perf_counter()
-        loss = self.model(input_ids=self.ids, labels=self.ids, image_latents=self.latents).loss
+        loss = self.objective(self.model, input_ids=self.ids, labels=self.ids, image_latents=self.latents).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

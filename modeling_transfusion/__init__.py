@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_transfusion import PRESETS, TransfusionConfig
+from .diffusion_transfusion import TransfusionDiffusionObjective, TransfusionObjectiveOutput
 from .modeling_transfusion import (
     TransfusionCausalLMOutputWithPast,
     TransfusionForCausalLM,
@@ -21,6 +22,8 @@ AutoModelForCausalLM.register(TransfusionConfig, TransfusionForCausalLM, exist_o
 __all__ = [
     "PRESETS",
     "TransfusionConfig",
+    "TransfusionDiffusionObjective",
+    "TransfusionObjectiveOutput",
     "TransfusionModel",
     "TransfusionForCausalLM",
     "TransfusionPreTrainedModel",

@@ -41,3 +41,20 @@ def test_bundled_checkpoint_continues_text(pipe):
     ids = pipe.tokenizer("Return the", return_tensors="pt")["input_ids"]
     out = pipe.transformer.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids.shape[1]
+
+
+def test_text_generation_stops_where_an_image_begins(pipe):
+    """`generate()` on a caption-shaped prompt: the model emits <|boi|>, and text-only decoding ends there (its
+    generation config stops at <|eos|> and <|boi|>) instead of writing unrelated text after a hidden <|boi|>."""
+    from transformers import pipeline
+
+    model, tokenizer, c = pipe.transformer, pipe.tokenizer, pipe.transformer.config
+    assert c.boi_token_id in model.generation_config.eos_token_id
+    ids = torch.tensor([[c.bos_token_id, *tokenizer("a photo of a dress", add_special_tokens=False)["input_ids"]]])
+    out = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :].tolist()
+    assert c.boi_token_id in out, tokenizer.decode(out)
+    assert out.index(c.boi_token_id) == len(out) - 1, tokenizer.decode(out)  # nothing after it
+
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    text = generator("a photo of a dress", max_new_tokens=12, do_sample=False, return_full_text=False)[0]["generated_text"]
+    assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) < 12, text  # stopped early, at the image
