@@ -684,14 +684,25 @@ class TransfusionForCausalLM(TransfusionPreTrainedModel, GenerationMixin):
         )
 
     # -- generation ----------------------------------------------------------------------------------------------
-    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
-        image_latents = kwargs.pop("image_latents", None)
-        pixel_values = kwargs.pop("pixel_values", None)
-        image_timesteps = kwargs.pop("image_timesteps", None)
-        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
-        # Images enter with the prompt (the prefill); later steps feed single text tokens and read them from the cache.
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        past_key_values=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        image_latents=None,
+        pixel_values=None,
+        image_timesteps=None,
+        **kwargs,
+    ):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        )
+        # Images enter with the prompt (the prefill, by ids or embeddings); later steps feed single text tokens and read
+        # the images from the cache.
         step_ids = model_inputs.get("input_ids")
-        if step_ids is not None and (step_ids == self.config.image_token_id).any():
+        prefill = model_inputs.get("inputs_embeds") is not None
+        if prefill or (step_ids is not None and (step_ids == self.config.image_token_id).any()):
             model_inputs.update(image_latents=image_latents, pixel_values=pixel_values, image_timesteps=image_timesteps)
         return model_inputs
 
