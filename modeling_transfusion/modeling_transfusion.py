@@ -11,7 +11,8 @@ Shape legend
 An image sits in the sequence as `<|boi|>` + n `<|image|>` slots + `<|eoi|>`. At the slots the backbone reads patch
 embeddings instead of token embeddings, and the image decoder turns the hidden states there into the diffusion
 prediction (ε, v, x0 or a flow velocity); encoders and decoders live in `patching_transfusion.py`. The attention mask
-is causal, and bidirectional among the slots of one image. The model predicts; a diffusers scheduler owns the noise (see `TransfusionForCausalLM.forward`).
+is causal, and bidirectional among the slots of one image. The model predicts for the latents and timesteps it is given;
+noise belongs to the training objective (`diffusion_transfusion.py`) and to the sampling scheduler.
 """
 
 import inspect
