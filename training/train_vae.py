@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from training.data import fashion_to_tensor, load_fashion_mnist, rgb_to_tensor, shapes_images
 from training.metrics import reconstruct
+from training.safe_state import load_state, save_state
 
 VAE_CONFIG = dict(
     in_channels=3,
@@ -111,20 +112,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--norm-num-groups", type=int, default=VAE_CONFIG["norm_num_groups"],
                    help="GroupNorm groups (must divide 32 and 64)")
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
-    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/state.pt")
+    p.add_argument("--resume", action="store_true", help="continue from <run-dir>/state.safetensors")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=int(os.environ.get("TRANSFUSION_THREADS", "1")))
     return p.parse_args(argv)
 
 
-def save_state(path: Path, vae, ema, optimizer, step: int, elapsed_s: float, args) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {"vae": vae.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-         "elapsed_s": elapsed_s, "args": vars(args)},
-        tmp,
-    )
-    os.replace(tmp, path)  # never leave a half-written state behind
+def save_vae_state(path: Path, vae, ema, optimizer, step: int, elapsed_s: float, args) -> None:
+    save_state(path, {"vae": vae.state_dict(), "ema": ema.state_dict()}, {"optimizer": optimizer.state_dict()},
+               {"step": step, "elapsed_s": elapsed_s, "args": vars(args)})  # fmt: skip
 
 
 def main(argv=None) -> dict:
@@ -133,7 +129,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)
     run_dir, out_dir = Path(args.run_dir), Path(args.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state_path = run_dir / "state.pt"
+    state_path = run_dir / "state.safetensors"
 
     vae = build_vae(norm_num_groups=args.norm_num_groups)
     ema = copy.deepcopy(vae).requires_grad_(False)
@@ -141,17 +137,18 @@ def main(argv=None) -> dict:
     step, elapsed_before = 0, 0.0
     if args.resume:
         if not state_path.exists():
-            raise FileNotFoundError(f"--resume given but {state_path} does not exist")
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state["args"]["norm_num_groups"] != args.norm_num_groups:
+            legacy = " (a state.pt of an older version is a pickle and is never loaded)" if (run_dir / "state.pt").exists() else ""
+            raise FileNotFoundError(f"--resume given but {state_path} does not exist{legacy}")
+        modules, optimizers, meta = load_state(state_path)
+        if meta["args"]["norm_num_groups"] != args.norm_num_groups:
             raise ValueError(
-                f"{state_path} was trained with --norm-num-groups {state['args']['norm_num_groups']}, "
+                f"{state_path} was trained with --norm-num-groups {meta['args']['norm_num_groups']}, "
                 f"got {args.norm_num_groups}"
             )
-        vae.load_state_dict(state["vae"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, elapsed_before = state["step"], state["elapsed_s"]
+        vae.load_state_dict(modules["vae"])
+        ema.load_state_dict(modules["ema"])
+        optimizer.load_state_dict(optimizers["optimizer"])
+        step, elapsed_before = meta["step"], meta["elapsed_s"]
         print(f"resumed {state_path} at step {step} ({elapsed_before / 60:.1f} min trained)")
 
     data = MixedImages(args.n_shapes, args.fashion_fraction, args.seed)
@@ -186,11 +183,11 @@ def main(argv=None) -> dict:
         bar.update(1)
         bar.set_postfix(l1=f"{running:.4f}", refresh=False)
         if time.time() - last_save > args.save_every_minutes * 60:
-            save_state(state_path, vae, ema, optimizer, step, elapsed_before + time.time() - start, args)
+            save_vae_state(state_path, vae, ema, optimizer, step, elapsed_before + time.time() - start, args)
             last_save = time.time()
     bar.close()
     trained_s = elapsed_before + time.time() - start
-    save_state(state_path, vae, ema, optimizer, step, trained_s, args)
+    save_vae_state(state_path, vae, ema, optimizer, step, trained_s, args)
     print(f"trained {step} steps in {trained_s / 60:.1f} min total; state in {state_path}")
 
     ema.eval()
