@@ -256,8 +256,21 @@ def load_state(path) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("model", state) if isinstance(state, dict) else state
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        # torch's own message advises weights_only=False, i.e. running the file's code: never do that
+        raise ValueError(
+            f"{path} holds more than tensors (or is damaged), so it is not loaded: a .pt file may only hold a state "
+            "dict of tensors. Save the weights with safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict of tensors (a dict name → tensor, or {{'model': that dict}})")
+    return state
 
 
 def convert(weights, options: dict | str | Path, latent_size: int = 8, vae: str | None = None):

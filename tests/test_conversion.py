@@ -334,3 +334,19 @@ def test_exported_folder_loads_as_remote_code_in_a_fresh_process(tmp_path, token
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")})  # fmt: skip
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_a_pt_file_with_objects_is_refused_without_advising_weights_only_false(tmp_path):
+    from conversion.convert_transfusion_pytorch import load_state
+
+    import datetime
+
+    # any object outside torch's tensor allow-list makes the file more than tensors
+    torch.save({"model": {"w": torch.zeros(2)}, "extra": datetime.date(2024, 1, 1)}, tmp_path / "objects.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"garbage")
+    for name in ("objects.pt", "garbage.pt"):
+        with pytest.raises(ValueError, match=r"is not loaded: a \.pt file may only hold a state dict") as info:
+            load_state(tmp_path / name)
+        assert "weights_only=False" not in str(info.value) and info.value.__cause__ is None
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "ok.pt")
+    assert torch.equal(load_state(tmp_path / "ok.pt")["w"], torch.ones(2))
