@@ -1,7 +1,5 @@
-"""diffusers pipelines built on the transformers Transfusion model."""
+"""The diffusers pipeline, re-exported from the model package (where it ships with the model code)."""
 
-import modeling_transfusion  # noqa: F401  (registers the Auto classes used when loading a saved pipeline)
-
-from .pipeline_transfusion import InterleavedOutput, TransfusionPipeline, TransfusionPipelineOutput
+from modeling_transfusion.pipeline_transfusion import InterleavedOutput, TransfusionPipeline, TransfusionPipelineOutput
 
 __all__ = ["TransfusionPipeline", "TransfusionPipelineOutput", "InterleavedOutput"]

@@ -1,6 +1,7 @@
 """TransfusionPipeline: equivalences with direct model calls, CFG, seeds, schedulers, captioning, interleaving,
 one-folder save/load, and input errors."""
 
+import inspect
 import subprocess
 import sys
 import textwrap
@@ -13,9 +14,18 @@ from conftest import tiny_model
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
+    DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
 )
 from transformers import DynamicCache
 
@@ -48,7 +58,7 @@ def test_one_step_equals_direct_model_call(pipe):
     c = pipe.transformer.config
     noise = torch.randn(1, 4, 8, 8, generator=gen(0))
     out = pipe("a photo of a dress", num_inference_steps=1, guidance_scale=1.0, latents=noise, output_type="latent")
-    ids = torch.tensor([[c.bos_token_id, *pipe._text_ids("a photo of a dress"), c.boi_token_id] + [5] * 16])
+    ids = torch.tensor([[c.bos_token_id, *pipe.processor.encode_text("a photo of a dress"), c.boi_token_id] + [5] * 16])
     reference = DDIMScheduler.from_config(pipe.scheduler.config)
     reference.set_timesteps(1)
     t = reference.timesteps[0]
@@ -57,24 +67,26 @@ def test_one_step_equals_direct_model_call(pipe):
     torch.testing.assert_close(out.images, expected, atol=1e-5, rtol=1e-5)
 
 
-def uncached_sampling(pipe, prompt, noise, steps, guidance):
-    """Reference: recompute the whole sequence (prefix + image) at every step, no cache."""
+def uncached_sampling(pipe, prompt, noise, steps, guidance, scheduler=None, generator=None):
+    """Reference written the way diffusers pipelines sample: timesteps first, noise × init_noise_sigma,
+    scale_model_input, and the whole sequence (prefix + image) recomputed at every step, no cache."""
     c = pipe.transformer.config
     ids, mask = pipe.encode_prompt([prompt], None, guidance > 1)
     ids = torch.cat([ids, torch.full((ids.shape[0], c.image_slots), c.image_token_id)], dim=1)
     mask = torch.cat([mask, torch.ones(ids.shape[0], c.image_slots, dtype=torch.long)], dim=1)
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler = scheduler or DDIMScheduler.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
-    latents = noise.clone()
+    latents = noise.clone() * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        latent_in = torch.cat([latents] * ids.shape[0])
+        latent_in = scheduler.scale_model_input(torch.cat([latents] * ids.shape[0]), t)
         pred = pipe.transformer(
             input_ids=ids, attention_mask=mask, image_latents=latent_in, image_timesteps=t.repeat(ids.shape[0])
         ).image_predictions
         if guidance > 1:
             cond, uncond = pred.chunk(2)
             pred = uncond + guidance * (cond - uncond)
-        latents = scheduler.step(pred, t, latents).prev_sample
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
     return latents
 
 
@@ -92,9 +104,13 @@ def test_guidance_one_equals_conditional_branch_of_a_guided_batch(pipe):
     noise = torch.randn(1, 4, 8, 8, generator=gen(2))
     plain = pipe("a photo of a dress", num_inference_steps=3, guidance_scale=1.0, latents=noise, output_type="latent")
     ids, mask = pipe.encode_prompt(["a photo of a dress"], ["a much longer negative prompt here"], do_cfg=True)
-    pipe.scheduler.set_timesteps(3)
-    guided, _, _ = pipe._denoise(ids, mask, noise.clone(), 3, guidance_scale=1.0)
+    timesteps = pipe._start_sampling(1.0, 3)
+    # a doubled prefix at scale 1: the loop drops the unconditional rows, the result is the conditional branch
+    guided = pipe.denoise([pipe.prefill(ids, mask)], noise.clone(), timesteps)
     torch.testing.assert_close(guided, plain.images, atol=1e-5, rtol=1e-5)
+    pipe._start_sampling(1.0, 3)
+    pipe._guidance_scale = 1.5  # keeps both rows; 1 + 0.5·(cond − uncond) moves away from the conditional branch
+    assert not torch.allclose(pipe.denoise([pipe.prefill(ids, mask)], noise.clone(), timesteps), plain.images)
 
 
 def test_seeds_are_deterministic_and_distinct(pipe):
@@ -132,13 +148,38 @@ def test_callback_on_step_end_sees_and_can_replace_latents(pipe):
     assert seen == [0, 1, 2] and out.abs().max() == 0
 
 
-@pytest.mark.parametrize(
-    "scheduler_class", [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler]
-)
-def test_schedulers_swap_in(pipe, scheduler_class):
-    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-    images = pipe("a red circle", num_inference_steps=4, generator=gen(0), output_type="np").images
-    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+EPSILON_SCHEDULERS = {  # every diffusers family that samples an ε-prediction model, with the config it needs
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-ancestral": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "kdpm2": (KDPM2DiscreteScheduler, {}),
+    "kdpm2-ancestral": (KDPM2AncestralDiscreteScheduler, {}),
+    "deis": (DEISMultistepScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "dpm++-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    "dpm-singlestep": (DPMSolverSinglestepScheduler, {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EPSILON_SCHEDULERS))
+def test_every_scheduler_family_samples_as_diffusers_pipelines_do(pipe, name):
+    """The cached pipeline equals a reference loop written as diffusers pipelines sample (timesteps before the
+    noise is scaled, scale_model_input, only the step arguments the scheduler takes), with guidance, for every
+    ε-prediction family: Euler-type noise scaled before set_timesteps, or a generator passed to PNDM/LMS/Heun/…,
+    fails here."""
+    cls, overrides = EPSILON_SCHEDULERS[name]
+    pipe.scheduler = cls.from_config(pipe.transformer.config.scheduler_config(), **overrides)
+    noise = torch.randn(1, 4, 8, 8, generator=gen(4))
+    out = pipe("a red circle", num_inference_steps=5, guidance_scale=3.0, latents=noise, generator=gen(5),
+               output_type="latent").images  # fmt: skip
+    reference = cls.from_config(pipe.scheduler.config)
+    expected = uncached_sampling(pipe, "a red circle", noise, 5, 3.0, scheduler=reference, generator=gen(5))
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -158,17 +199,26 @@ def test_flow_matching_model_samples_with_flow_scheduler(tokenizer):
 
 
 def test_clean_pass_cache_equals_recompute(pipe):
+    """prefill → denoise → append_image, then `<|eoi|>`: the cache and the next-token logits equal one forward of
+    the whole row with the clean image."""
     c = pipe.transformer.config
     ids, mask = pipe.encode_prompt(["a photo of a dress"], None, do_cfg=True)
     noise = torch.randn(1, 4, 8, 8, generator=gen(3))
-    latents, cache, logits = pipe._denoise(ids, mask, noise, 3, guidance_scale=3.0, finalize=True)
+    timesteps = pipe._start_sampling(3.0, 3)
+    prefix = pipe.prefill(ids, mask)
+    latents = pipe.denoise([prefix], noise, timesteps)
+    prefix.cache.batch_select_indices(torch.arange(1))
+    cond = pipe.append_image(type(prefix)(prefix.cache, mask[:1]), latents)
+    eoi = torch.tensor([[c.eoi_token_id]])
+    logits = pipe.transformer(input_ids=eoi, attention_mask=torch.cat([cond.mask, torch.ones_like(eoi)], 1),
+                              past_key_values=cond.cache, use_cache=True).logits[:, -1]  # fmt: skip
     cond_ids = ids[:1, mask[0].bool()]  # the conditional row without its padding
-    full_ids = torch.cat([cond_ids, torch.full((1, c.image_slots), 5), torch.tensor([[c.eoi_token_id]])], dim=1)
+    full_ids = torch.cat([cond_ids, torch.full((1, c.image_slots), 5), eoi], dim=1)
     fresh = DynamicCache(config=c)
     out = pipe.transformer(input_ids=full_ids, image_latents=latents, past_key_values=fresh, use_cache=True)
     torch.testing.assert_close(logits, out.logits[:, -1], atol=1e-5, rtol=1e-5)
     pad = ids.shape[1] - cond_ids.shape[1]
-    for layer_cached, layer_fresh in zip(cache.layers, fresh.layers):
+    for layer_cached, layer_fresh in zip(cond.cache.layers, fresh.layers):
         torch.testing.assert_close(layer_cached.keys[:, :, pad:], layer_fresh.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(layer_cached.values[:, :, pad:], layer_fresh.values, atol=1e-5, rtol=1e-5)
 
@@ -199,12 +249,11 @@ class ScriptedHead(torch.nn.Module):
 
 def test_interleaved_generation_emits_text_image_text(pipe):
     c = pipe.transformer.config
-    text = pipe._text_ids("a photo")
-    # prefill → text[0]; then text[1]; then <|boi|>; image; after <|eoi|> → text[0]; then <|eos|>
+    text = pipe.processor.encode_text("a photo")
+    # head calls: the prompt's prefill (ignored); generate → text[0], text[1], <|boi|>; <|boi|> into the cache;
+    # 3 denoising steps; the clean image; generate from <|eoi|> → text[0], <|eos|>
     pipe.transformer.lm_head = ScriptedHead(pipe.transformer.lm_head, [])
-    script = [text[0], text[1], c.boi_token_id]
-    # denoising calls the head once per prefix + once per step + once for the clean pass (3 steps → 5 calls)
-    script += [0] * 5 + [text[0], c.eos_token_id]
+    script = [0, text[0], text[1], c.boi_token_id, 0] + [0] * 3 + [0, text[0], c.eos_token_id]
     pipe.transformer.lm_head.script = script
     result = pipe.generate_interleaved("hello", max_new_tokens=10, num_inference_steps=3, guidance_scale=1.0)
     kinds = [type(x).__name__ for x in result.items]

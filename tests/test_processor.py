@@ -7,6 +7,7 @@ import torch
 from transformers import AutoProcessor
 
 from modeling_transfusion import TransfusionProcessor, build_tokenizer
+from modeling_transfusion.processing_transfusion import prepare_image
 
 
 def test_tokenizer_special_ids_and_round_trip(tokenizer):
@@ -33,8 +34,9 @@ def test_interleaved_row_layout(processor):
     assert ids[boi] == 3 and ids[boi + 1 : boi + 17] == [5] * 16 and ids[boi + 17] == 4
     assert ids[-1] == 1
     assert out["pixel_values"].shape == (1, 3, 32, 32)
-    # a solid red image maps to (1, -1, -1) after resizing
-    torch.testing.assert_close(out["pixel_values"][0, :, 5, 5], torch.tensor([1.0, -1.0, -1.0]), atol=1e-2, rtol=0)
+    # a solid red 50×20 image keeps its aspect: red (1, -1, -1) in the middle, black (-1) padding above and below
+    torch.testing.assert_close(out["pixel_values"][0, :, 16, 16], torch.tensor([1.0, -1.0, -1.0]), atol=1e-2, rtol=0)
+    torch.testing.assert_close(out["pixel_values"][0, :, 1, 16], torch.tensor([-1.0, -1.0, -1.0]), atol=1e-2, rtol=0)
     labels = out["labels"][0]
     assert (labels[boi + 1 : boi + 18] == -100).all() and labels[boi] == 3
 
@@ -69,9 +71,15 @@ def test_append_boi_makes_a_generation_prompt(processor):
         ([np.zeros((8, 8), dtype=np.float32)], "numpy image must be uint8"),
         ([torch.zeros(1, 8, 8)], r"image tensor must be \(3, H, W\)"),
         ([object()], "Unsupported image type object"),
+        ([PIL.Image.new("RGB", (0, 0))], r"image is empty \(size 0×0\)"),
+        ([torch.zeros(3, 0, 0)], r"image is empty \(shape \(3, 0, 0\)\)"),
+        (["a", torch.zeros(3, 32, 32)], None),
     ],
 )
 def test_bad_inputs_are_clear_errors(processor, bad, message):
+    if message is None:  # a well-formed row for contrast: the cases above fail for their stated reason only
+        assert processor(bad)["pixel_values"].shape == (1, 3, 32, 32)
+        return
     with pytest.raises(ValueError, match=message):
         processor(bad)
 
@@ -96,3 +104,53 @@ def test_processor_uses_the_tokenizers_declared_bos_eos_pad(tokenizer):
     out = processor(["a photo of a dress"], add_eos=True)
     assert out["input_ids"][0, 0] == other.convert_tokens_to_ids("<s>")
     assert out["input_ids"][0, -1] == other.convert_tokens_to_ids("</s>")
+
+
+def test_exif_orientation_is_applied(processor):
+    """A phone photo stored landscape with EXIF orientation 6 (display rotated 90° clockwise) is seen as displayed."""
+    stored = PIL.Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (20, 0, 40, 20))  # right half red: turned 90° clockwise it becomes the bottom half
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    import io
+
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
+    photo = PIL.Image.open(io.BytesIO(buffer.getvalue()))
+    image, steps = prepare_image(photo, 32)
+    assert "rotated as its EXIF orientation says" in steps
+    pixels = processor([photo])["pixel_values"][0]
+    assert pixels[2, 4, 16] > 0.8 and pixels[0, 28, 16] > 0.8  # blue on top, red at the bottom
+    assert (pixels[:, 16, 2] < -0.9).all()  # portrait now: padded left and right
+
+
+def test_transparency_and_padding_use_the_background(processor):
+    clear = PIL.Image.new("RGBA", (32, 16), (255, 255, 255, 0))  # fully transparent white
+    image, steps = prepare_image(clear, 32)
+    assert steps == ["transparency on the background colour", "padded to a square"]
+    assert np.asarray(image).max() == 0  # black, not white
+    white = TransfusionProcessor(tokenizer=processor.tokenizer, image_size=32, image_slots=16, background=(255, 255, 255))
+    assert white([clear])["pixel_values"].min() == 1.0
+
+
+def test_latent_path_lays_out_the_same_sequence_without_pixels(processor):
+    """`images_as_latents=True`: the same ids, mask and labels as for pixels; latents come back as image_latents."""
+    latents = [torch.randn(4, 8, 8), torch.randn(4, 8, 8)]
+    rows = [["a photo of a dress", latents[0], "and"], [latents[1], "short"]]
+    pixel_rows = [["a photo of a dress", torch.zeros(3, 32, 32), "and"], [torch.zeros(3, 32, 32), "short"]]
+    a = processor(rows, images_as_latents=True, add_eos=True, return_labels=True)
+    b = processor(pixel_rows, add_eos=True, return_labels=True)
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(a[key], b[key]), key
+    assert "pixel_values" not in a and torch.equal(a["image_latents"], torch.stack(latents))
+    with pytest.raises(ValueError, match=r"images_as_latents=True an image is a latent tensor \(C, h, w\)"):
+        processor([PIL.Image.new("L", (8, 8))], images_as_latents=True)
+
+
+def test_pad_and_labels_are_the_processors_own(processor):
+    ids, mask = processor.pad([[7, 8, 9], [7]], padding_side="left")
+    assert ids.tolist() == [[7, 8, 9], [2, 2, 7]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right', got 'middle'"):
+        processor.pad([[7]], padding_side="middle")
+    row = torch.tensor([[0, 3, 5, 5, 4, 9, 2]])
+    assert processor.labels(row, torch.tensor([[1, 1, 1, 1, 1, 1, 0]])).tolist() == [[0, 3, -100, -100, -100, 9, -100]]
