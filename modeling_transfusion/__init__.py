@@ -41,3 +41,7 @@ from .tokenization_transfusion import build_tokenizer  # noqa: E402
 
 AutoProcessor.register(TransfusionConfig, TransfusionProcessor, exist_ok=True)
 __all__ += ["TransfusionProcessor", "build_tokenizer"]
+
+from .pipeline_transfusion import InterleavedOutput, TransfusionPipeline, TransfusionPipelineOutput  # noqa: E402
+
+__all__ += ["TransfusionPipeline", "TransfusionPipelineOutput", "InterleavedOutput"]
