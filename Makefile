@@ -16,6 +16,7 @@ $(VENV)/.deps: requirements.txt
 $(VENV)/.dev: $(VENV)/.deps requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	bash scripts/install_system_deps.sh --browser
+	PYTHON=$(PY) bash scripts/fetch_transformers_tests.sh
 	touch $@
 
 setup: $(VENV)/.deps
