@@ -5,6 +5,7 @@ Single-process runs are called in-process (`training.train.main`), which saves t
 multi-process and kill tests need real subprocesses.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -18,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TOKENIZER_TEXT
+from conftest import ROOT, TOKENIZER_TEXT, tiny_config
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-from modeling_transfusion import TransfusionForCausalLM, TransfusionProcessor, build_tokenizer
+from modeling_transfusion import TransfusionDiffusionObjective, TransfusionForCausalLM, TransfusionProcessor, build_tokenizer
 from training import train as train_script
 from training.collate import MicroBatchSampler, MixtureDataset, TransfusionCollator, parse_mix
 
@@ -303,6 +304,46 @@ def test_collator_lays_out_rows_and_cuts_long_text(tokenizer):
                 assert (row[1] == ids["boi"]) == (ex["kind"] == "image_caption")
     (single,) = TransfusionCollator(processor, max_text_tokens=12, split_text=False)(examples)["parts"]
     assert len(single["input_ids"]) == 64 and single["image_latents"].shape[0] == len(image_rows)
+
+
+class _OneProcess:
+    """What forward_backward uses of an Accelerator, for one CPU process."""
+
+    device = torch.device("cpu")
+
+    def no_sync(self, model):
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def test_forward_backward_of_split_parts_equals_one_part(processor):
+    """Splitting a micro-batch into its text rows and its image rows changes the padding, not the loss: each part's
+    LM loss is its sum over the micro-batch's count of targets, so the parts add up to the one-part micro-batch's
+    losses and gradients, also when caption dropout (at 0.999: every caption→image row here) empties rows."""
+    torch.manual_seed(0)
+    model = TransfusionForCausalLM(tiny_config(caption_drop_prob=0.999)).train()
+    objective = TransfusionDiffusionObjective(model.config)
+    ds = _toy_dataset(0)
+    examples = [ds[i] for i in range(16)]
+    assert {e["kind"] for e in examples} == {"text", "caption_image", "image_caption"}
+
+    def run(split):
+        parts = TransfusionCollator(processor, max_text_tokens=12, split_text=split)(examples)["parts"]
+        model.zero_grad()
+        torch.manual_seed(3)  # the micro-batch seed: the same timesteps and noise for the same images
+        stats = train_script.forward_backward(_OneProcess(), model, objective, parts)
+        return len(parts), stats, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (n_one, one, grads_one), (n_two, two, grads_two) = run(False), run(True)
+    assert (n_one, n_two) == (1, 2)
+    assert one[0] > one[1] > 0 and one[2] > 0  # loss, LM loss, diffusion loss
+    # different padding (another tensor layout, another float32 kernel path): a tolerance, not bit equality
+    torch.testing.assert_close(two[:6], one[:6], rtol=1e-5, atol=1e-6)  # [6]: positions computed, padding included
+    assert grads_one.keys() == grads_two.keys()
+    for name in grads_one:
+        torch.testing.assert_close(grads_two[name], grads_one[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_help_and_config_file_errors(tmp_path, capsys):

@@ -268,6 +268,8 @@ def train(args) -> Path:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    from modeling_transfusion import TransfusionDiffusionObjective
+
     if args.threads:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)
@@ -282,6 +284,7 @@ def train(args) -> Path:
     accelerator.print(f"LoRA r={args.rank} on {args.target_modules}: {trainable:,} trainable of {total:,} parameters")
 
     builder = RowBuilder(tokenizer, model.config, args.image_first_prob, args.max_text_tokens, args.seed)
+    objective = TransfusionDiffusionObjective(model.config)  # noise, timesteps, caption dropout; the model predicts
     generator = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(examples, batch_size=args.batch_size, shuffle=True, collate_fn=builder, generator=generator,
                         drop_last=len(examples) >= args.batch_size)  # fmt: skip
@@ -299,7 +302,7 @@ def train(args) -> Path:
     progress = tqdm(total=args.steps, disable=not accelerator.is_local_main_process, desc="LoRA")
     while step < args.steps:
         for batch in loader:
-            out = model(**batch)
+            out = objective(model, **batch)
             accelerator.backward(out.loss)
             if args.max_grad_norm:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
@@ -531,7 +534,7 @@ def evaluate_concept(args) -> dict:
     """Score the base model, then the base model with the adapter, on the concept and on the old world."""
     from diffusers import DDIMScheduler
 
-    from pipelines import TransfusionPipeline
+    from modeling_transfusion import TransfusionPipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)

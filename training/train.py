@@ -10,8 +10,8 @@ same script; checkpoints resume exactly.
 
 Batches. ``--batch-size`` B is per process and micro-batch; the global batch is B × processes W × ``--grad-accum`` A.
 Micro-batch m of the example stream (training/collate.py) holds examples m·B … m·B + B − 1, and before its forward
-the global RNG is seeded from (seed, m), so the noise, timesteps and caption dropout drawn inside the model belong
-to the micro-batch, not to the process. W processes × A and one process × (W·A) therefore compute the same
+the global RNG is seeded from (seed, m), so the timesteps, noise and caption dropout that the diffusion objective
+(`TransfusionDiffusionObjective`) draws belong to the micro-batch, not to the process. W processes × A and one process × (W·A) therefore compute the same
 micro-batch losses and the same averaged gradient (up to float summation order).
 
 Resume. A checkpoint (``<output-dir>/checkpoints/step-N``, accelerate ``save_state`` + a checksum manifest) holds
@@ -297,7 +297,7 @@ class WarmupCosine:
 
 
 def micro_seed(seed: int, micro_index: int) -> int:
-    """The torch seed of micro-batch `micro_index`: the model draws its noise, timesteps and dropout from it."""
+    """The torch seed of micro-batch `micro_index`: the objective draws its timesteps, noise and dropout from it."""
     return int(np.random.SeedSequence([seed, 0x5EED, micro_index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
@@ -306,28 +306,26 @@ def micro_seed(seed: int, micro_index: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def forward_backward(accelerator, model, parts: list[dict]) -> torch.Tensor:
+def forward_backward(accelerator, model, objective, parts: list[dict]) -> torch.Tensor:
     """Forward and backward of one micro-batch, given as parts (its text rows and its image rows, see the collator).
 
-    The loss is the micro-batch's L = L_LM + λ·L_diffusion with L_LM the mean over all its target tokens: each part's
-    LM mean enters weighted by its share of the targets (counted before caption dropout). Every part but the last
+    The loss is the micro-batch's L = L_LM + λ·L_diffusion with L_LM the mean over all its target tokens: every part
+    gets `num_items_in_batch` = the micro-batch's count of targets (before caption dropout), so its LM loss is its
+    sum over the micro-batch's count and the parts' LM losses add up to the micro-batch mean. Every part but the last
     runs without DDP gradient sync; the image part comes last, so the synchronising backward reaches every weight.
     Returns the log's sums: loss, LM loss, diffusion loss, 1 if it had images, 1, tokens, positions computed."""
-    targets = [int((part["labels"][:, 1:] != -100).sum()) for part in parts]
-    total = sum(targets)
+    total = sum(int((part["labels"][:, 1:] != -100).sum()) for part in parts)
     stats = torch.zeros(7, dtype=torch.float64, device=accelerator.device)  # on the device: no sync per part
     stats[4] = 1.0
     for j, part in enumerate(parts):
         stats[5] += float(part["attention_mask"].sum())
         stats[6] += float(part["attention_mask"].numel())
         part = {k: v.to(accelerator.device, non_blocking=True) for k, v in part.items()}
-        weight = targets[j] / total if total else 1.0 / len(parts)
         with accelerator.no_sync(model) if j < len(parts) - 1 else contextlib.nullcontext():
-            out = model(**part)
-            loss = out.loss - (1.0 - weight) * out.lm_loss  # = weight·L_LM(part) + λ·L_diffusion(part)
-            accelerator.backward(loss)
-        stats[0] += loss.detach().double()
-        stats[1] += weight * out.lm_loss.detach().double()
+            out = objective(model, **part, num_items_in_batch=total or None)  # = L_LM share + λ·L_diffusion(part)
+            accelerator.backward(out.loss)
+        stats[0] += out.loss.detach().double()
+        stats[1] += out.lm_loss.detach().double()
         if out.diffusion_loss is not None:
             stats[2] += out.diffusion_loss.detach().double()
             stats[3] = 1.0
@@ -340,7 +338,7 @@ def train(args) -> dict:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from modeling_transfusion import TransfusionProcessor
+    from modeling_transfusion import TransfusionDiffusionObjective, TransfusionProcessor
     from training.collate import (
         IMAGE_SOURCES,
         MicroBatchSampler,
@@ -376,6 +374,7 @@ def train(args) -> dict:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     processor = TransfusionProcessor.from_model_config(tokenizer, config)
+    objective = TransfusionDiffusionObjective(config)  # timesteps, noise, caption dropout; the model only predicts
 
     mix = parse_mix(args.mix)
     images = {}
@@ -488,7 +487,7 @@ def train(args) -> dict:
                 micro = int(batch["example_index"][0]) // args.batch_size
                 torch.manual_seed(micro_seed(args.seed, micro))
                 with accelerator.accumulate(model):
-                    sums += forward_backward(accelerator, model, batch["parts"])
+                    sums += forward_backward(accelerator, model, objective, batch["parts"])
                     if accelerator.sync_gradients:
                         if args.clip > 0:
                             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.clip)
