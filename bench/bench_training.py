@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from modeling_transfusion import TransfusionConfig, TransfusionForCausalLM  # noqa: E402
+from modeling_transfusion import TransfusionConfig, TransfusionDiffusionObjective, TransfusionForCausalLM  # noqa: E402
 
 
 def mixed_batch(config: TransfusionConfig, batch: int, seq: int, images_per_row: int, device):
@@ -40,11 +40,11 @@ def mixed_batch(config: TransfusionConfig, batch: int, seq: int, images_per_row:
     return ids, latents.to(device)
 
 
-def step_time(model, optimizer, inputs, device) -> float:
+def step_time(loss_of, optimizer, inputs, device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    loss = model(**inputs).loss
+    loss = loss_of(**inputs).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -112,10 +112,13 @@ def main():
         "llama": {"input_ids": ids, "labels": ids},
     }
     optimizers = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()}
+    # Transfusion's training step includes the objective's noising and diffusion loss; Llama's is its own forward
+    objective = TransfusionDiffusionObjective(config)
+    loss_of = {"transfusion": lambda **inputs: objective(models["transfusion"], **inputs), "llama": models["llama"]}
     times = {k: [] for k in models}
     for step in range(args.warmup + args.steps):
         for name in models:  # alternate, so both see the same machine load
-            elapsed = step_time(models[name], optimizers[name], inputs[name], device)
+            elapsed = step_time(loss_of[name], optimizers[name], inputs[name], device)
             if step >= args.warmup:
                 times[name].append(elapsed)
 
