@@ -5,6 +5,7 @@
         --lora runs/lora-purple --output runs/export-purple
     python -m conversion.export_pipeline --model checkpoints/transfusion-tiny --output runs/export \
         --push-to-hub you/transfusion-tiny
+    python -m conversion.export_pipeline --refresh-code checkpoints/transfusion-tiny
 
 `--model` is a saved pipeline folder (`model_index.json`) or a model folder (`config.json` of model_type
 "transfusion"; the tokenizer next to it or in `--tokenizer`). `--vae` replaces the VAE weights (its config must equal the
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipelines.pipeline_transfusion import SCHEDULER_NAMES  # noqa: E402  (after the path insert above)
+from modeling_transfusion.scheduling_transfusion import SCHEDULER_NAMES  # noqa: E402  (after the path insert above)
 
 CARD_TEMPLATE = """---
 {metadata}
@@ -77,7 +78,7 @@ def load_components(model_path, tokenizer_path=None):
     from transformers import AutoTokenizer
 
     import modeling_transfusion  # noqa: F401  (registers the Auto classes)
-    from pipelines import TransfusionPipeline
+    from modeling_transfusion import TransfusionPipeline
 
     root = Path(model_path)
     if (root / "model_index.json").exists():
@@ -101,7 +102,7 @@ def make_scheduler(model, name: str | None = None, current=None, overrides: dict
     """The sampling scheduler: `name` (see pipelines' SCHEDULER_NAMES), else `current`, else DDIM (flow-euler for
     flow-matching models), configured from the model's training noise schedule, with `overrides` of that config
     (e.g. {"algorithm_type": "sde-dpmsolver++"})."""
-    from pipelines.pipeline_transfusion import reconfigure_scheduler, scheduler_class
+    from modeling_transfusion.scheduling_transfusion import reconfigure_scheduler, scheduler_class
 
     if overrides:
         return reconfigure_scheduler(make_scheduler(model, name, current), overrides)
@@ -171,7 +172,7 @@ def model_card(pipe, repo_id: str | None = None, base_model: str | None = None, 
 
 def save_pipeline(model, tokenizer, output, scheduler=None, repo_id=None, base_model=None, description="") -> Path:
     """Write the pipeline folder (TransfusionPipeline.save_pretrained) and its README.md model card."""
-    from pipelines import TransfusionPipeline
+    from modeling_transfusion import TransfusionPipeline
 
     pipe = TransfusionPipeline(transformer=model, scheduler=make_scheduler(model, current=scheduler), tokenizer=tokenizer)
     output = Path(output)
@@ -195,8 +196,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m conversion.export_pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--model", required=True, help="pipeline folder or Transfusion model folder")
-    p.add_argument("--output", required=True, help="folder to write (not the --model folder itself)")
+    p.add_argument("--model", help="pipeline folder or Transfusion model folder")
+    p.add_argument("--output", help="folder to write (not the --model folder itself)")
+    p.add_argument("--refresh-code", metavar="FOLDER",
+                   help="only copy this package's code files into a saved pipeline folder (root and transformer/)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: next to the model)")
     p.add_argument("--vae", help="AutoencoderKL folder whose weights replace the model's VAE")
     p.add_argument("--lora", help="LoRA adapter folder to fuse into the weights before saving")
@@ -209,6 +212,16 @@ def main(argv=None):
     p.add_argument("--private", action="store_true", help="create the Hub repository as private")
     p.add_argument("--token", help="Hub token (default: the stored login)")
     args = p.parse_args(argv)
+    if args.refresh_code:
+        from modeling_transfusion.pipeline_transfusion import save_code
+
+        if not (Path(args.refresh_code) / "model_index.json").is_file():
+            p.error(f"--refresh-code {args.refresh_code}: not a saved pipeline folder (no model_index.json)")
+        written = save_code(args.refresh_code)
+        print(f"copied {len(written)} code files into {args.refresh_code}/ and {args.refresh_code}/transformer/")
+        return Path(args.refresh_code)
+    if not args.model or not args.output:
+        p.error("--model and --output are required (or --refresh-code FOLDER)")
     if Path(args.output).resolve() == Path(args.model).resolve():
         p.error("--output must be a new folder: the weights are read from --model while the pipeline is written")
 
@@ -216,7 +229,7 @@ def main(argv=None):
     if args.vae:
         replace_vae(model, args.vae)
     if args.lora:
-        from pipelines import TransfusionPipeline
+        from modeling_transfusion import TransfusionPipeline
 
         pipe = TransfusionPipeline(transformer=model, scheduler=make_scheduler(model, current=scheduler), tokenizer=tokenizer)
         pipe.load_lora_weights(args.lora)

@@ -456,11 +456,18 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' loader (variant=, a per-component torch_dtype dict, device_map, … all as diffusers documents).
 
-        The model folder carries its code for users who cannot import this package, and diffusers prefers that file
-        over an importable module of the same name, asking for `trust_remote_code`. A local folder whose code files
-        are byte-identical to this package's runs nothing foreign, so for it that trust is given here; any other
-        folder or Hub repo needs `trust_remote_code=True` from the caller."""
-        if "trust_remote_code" not in kwargs and _ships_this_code(pretrained_model_name_or_path):
+        A saved folder carries its code for users who cannot import this package, and diffusers then runs that code
+        (pipeline and model) and asks for `trust_remote_code`. A local folder whose code files are byte-identical to
+        this package's runs nothing foreign, so that trust is given here; a local folder with other code is refused
+        with the files named (refresh them, or pass trust_remote_code=True to run the folder's own code)."""
+        if "trust_remote_code" not in kwargs and Path(str(pretrained_model_name_or_path)).is_dir():
+            stale = _stale_code_files(pretrained_model_name_or_path)
+            if stale:
+                raise ValueError(
+                    f"The code files {stale} in {pretrained_model_name_or_path} differ from this package's. Refresh them "
+                    f"(python -m conversion.export_pipeline --refresh-code {pretrained_model_name_or_path}) or pass "
+                    "trust_remote_code=True to run the folder's own code."
+                )
             kwargs["trust_remote_code"] = True
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
@@ -496,14 +503,15 @@ def _conditional_rows(prefixes: list[Prefix], batch: int) -> list[Prefix]:
     return [Prefix(prefix.cache, prefix.mask[:batch])]
 
 
-def _ships_this_code(folder) -> bool:
-    folder = Path(str(folder))
+def _stale_code_files(folder) -> list[str]:
+    """The shipped code files that are missing from a saved folder or differ from this package's sources."""
+    folder, stale = Path(str(folder)), []
     for target in (folder, folder / MODEL_SUBFOLDER):
         for source in shipped_code_files():
             copy = target / source.name
             if not copy.is_file() or copy.read_bytes() != source.read_bytes():
-                return False
-    return True
+                stale.append(str(copy.relative_to(folder)))
+    return stale
 
 
 __all__ = ["TransfusionPipeline", "TransfusionPipelineOutput", "InterleavedOutput", "save_code", "shipped_code_files"]

@@ -5,6 +5,7 @@ import inspect
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -30,6 +31,8 @@ from diffusers import (
 from transformers import DynamicCache
 
 from pipelines import TransfusionPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_pipe(tokenizer, scheduler_class=DDIMScheduler, **model_overrides):
@@ -296,6 +299,10 @@ def test_save_load_remote_code_in_fresh_process(tmp_path, pipe):
         torch.testing.assert_close(out.images, torch.load({str(tmp_path / "expected.pt")!r}), atol=1e-6, rtol=0)
         model = AutoModelForCausalLM.from_pretrained(root + "/transformer", trust_remote_code=True)
         processor = AutoProcessor.from_pretrained(root + "/transformer", trust_remote_code=True)
+        # subfolder= with remote code: the Hub form of the same load
+        same = AutoModelForCausalLM.from_pretrained(root, subfolder="transformer", trust_remote_code=True)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
+        assert AutoProcessor.from_pretrained(root, subfolder="transformer", trust_remote_code=True).image_slots == 16
         inputs = processor(["a red circle", torch.zeros(3, 32, 32)])
         assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
         print("REMOTE-PIPELINE-OK")
@@ -337,3 +344,156 @@ def test_negative_prompt_string_equals_one_per_prompt(pipe):
     assert torch.equal(one, listed)
     with pytest.raises(ValueError, match="negative_prompt must be a string or a list of 2 strings"):
         pipe(["a", "b"], negative_prompt=["x", "y", "z"])
+
+
+# -- diffusers' pipeline contracts (PipelineTesterMixin), encoded here -----------------------------------------------
+def test_callback_cfg_cutoff_changes_the_result_and_sees_num_timesteps(pipe):
+    """diffusers' CFG-cutoff callbacks set `pipe._guidance_scale = 0.0` after step k; the pipeline's properties tell
+    the callback how many timesteps there are and whether guidance is on."""
+    seen = []
+
+    def cutoff(p, i, t, kwargs):
+        seen.append((i, p.num_timesteps, p.do_classifier_free_guidance, p.guidance_scale))
+        if i == 1:
+            p._guidance_scale = 0.0
+        return kwargs
+
+    kwargs = dict(num_inference_steps=4, guidance_scale=5.0, output_type="latent")
+    guided = pipe("a red circle", generator=gen(0), **kwargs).images
+    cut = pipe("a red circle", generator=gen(0), callback_on_step_end=cutoff, **kwargs).images
+    assert [s[:2] for s in seen] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert [s[2] for s in seen] == [True, True, False, False] and pipe.guidance_scale == 0.0
+    assert not torch.allclose(guided, cut)
+    # after the cutoff the steps are the conditional prediction alone: equal to a run whose scale drops to 1
+    def to_one(p, i, t, kwargs):
+        if i == 1:
+            p._guidance_scale = 1.0
+        return kwargs
+
+    torch.testing.assert_close(pipe("a red circle", generator=gen(0), callback_on_step_end=to_one, **kwargs).images, cut,
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_heun_counts_its_model_evaluations_in_num_timesteps(pipe):
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    steps = []
+    pipe("a", num_inference_steps=3, callback_on_step_end=lambda p, i, t, k: steps.append(p.num_timesteps) or k,
+         output_type="latent")  # fmt: skip
+    assert steps == [5] * 5  # 2 evaluations per step but the last: diffusers' timesteps, not num_inference_steps
+
+
+def test_interrupt_skips_the_remaining_steps(pipe):
+    calls = []
+
+    def stop(p, i, t, kwargs):
+        calls.append(i)
+        p._interrupt = True
+        return kwargs
+
+    pipe("a", num_inference_steps=4, callback_on_step_end=stop, output_type="latent")
+    assert calls == [0] and pipe.interrupt
+
+
+def test_default_inference_steps_is_saved_with_the_pipeline(tmp_path, tokenizer):
+    pipe = make_pipe(tokenizer)
+    pipe.register_to_config(default_inference_steps=3)
+    pipe.save_pretrained(tmp_path)
+    loaded = TransfusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.default_inference_steps == 3
+    counts = []
+    loaded("a", callback_on_step_end=lambda p, i, t, k: counts.append(i) or k, output_type="latent")
+    assert counts == [0, 1, 2]
+    assert make_pipe(tokenizer).config.default_inference_steps is None  # unset: 50, diffusers' usual default
+
+
+def test_variant_and_per_component_dtype_load_through_diffusers(tmp_path, pipe):
+    pipe.save_pretrained(tmp_path, variant="fp16")
+    assert (tmp_path / "transformer" / "model.fp16.safetensors").exists()
+    loaded = TransfusionPipeline.from_pretrained(tmp_path, variant="fp16")
+    for (name, a), b in zip(pipe.transformer.state_dict().items(), loaded.transformer.state_dict().values()):
+        assert torch.equal(a, b), name  # weights bit-exact
+    mixed = TransfusionPipeline.from_pretrained(tmp_path, variant="fp16",
+                                                torch_dtype={"transformer": torch.bfloat16, "default": torch.float32})  # fmt: skip
+    assert mixed.transformer.dtype == torch.bfloat16 and mixed.vae.dtype == torch.bfloat16
+    mixed.set_progress_bar_config(disable=True)
+    images = mixed("a red circle", num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
+
+
+def test_to_dtype_and_offload_declarations(pipe):
+    assert pipe.model_cpu_offload_seq == "transformer" and hasattr(pipe, "enable_model_cpu_offload")
+    assert set(pipe.model_cpu_offload_seq.split("->")) <= set(pipe.components)
+    assert pipe._callback_tensor_inputs == ["latents"]
+    pipe.to(torch.bfloat16)
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae is pipe.transformer.vae
+    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs \['noise'\] not in \['latents'\]"):
+        pipe("a", callback_on_step_end_tensor_inputs=["noise"])
+
+
+def test_progress_bar_config(pipe, capsys):
+    pipe.set_progress_bar_config(disable=False)
+    pipe("a", num_inference_steps=2, output_type="latent")
+    assert "2/2" in capsys.readouterr().err
+    pipe.set_progress_bar_config(disable=True)
+    pipe("a", num_inference_steps=2, output_type="latent")
+    assert "2/2" not in capsys.readouterr().err
+
+
+def test_dict_and_tuple_outputs_are_equal(pipe):
+    a = pipe("a", num_inference_steps=2, generator=gen(0), output_type="np").images
+    b = pipe("a", num_inference_steps=2, generator=gen(0), output_type="np", return_dict=False)[0]
+    assert np.array_equal(a, b)
+
+
+def test_caption_refuses_an_empty_image(pipe):
+    with pytest.raises(ValueError, match=r"image is empty \(size 0×0\)"):
+        pipe.caption(PIL.Image.new("RGB", (0, 0)))
+
+
+def test_interleaved_batch_equals_each_prompt_alone(pipe):
+    """Rows that stop at `<|boi|>` at different times (or never) give what each gives alone."""
+    c = pipe.transformer.config
+    trigger, after = pipe.processor.encode_text("a")[0], pipe.processor.encode_text("photo")[0]
+    state = {}
+    model = pipe.transformer
+    model.register_forward_pre_hook(lambda m, args, kw: state.update(ids=kw.get("input_ids")), with_kwargs=True)
+
+    def force(module, inputs, logits):  # the next token by rule from the last input: <|boi|> after `trigger`
+        last = state["ids"][:, -1]
+        logits[last == trigger, -1, c.boi_token_id] += 1e4
+        logits[last == c.eoi_token_id, -1, after] += 1e4
+        logits[last == after, -1, c.eos_token_id] += 1e4
+        return logits
+
+    model.lm_head.register_forward_hook(force)
+    prompts = [["red", "a"], ["two green triangles"], ["dress a"]]
+    kwargs = dict(max_new_tokens=6, num_inference_steps=2, guidance_scale=2.0, output_type="latent")
+    batch = pipe.generate_interleaved(prompts, generator=gen(0), **kwargs)
+    assert [type(x).__name__ for x in batch.items[0]] == ["Tensor", "str"]
+    for row, prompt in enumerate(prompts):
+        alone = pipe.generate_interleaved(prompt, generator=gen(0), **kwargs)
+        assert torch.equal(batch.token_ids[row], alone.token_ids)
+        assert [type(x) for x in batch.items[row]] == [type(x) for x in alone.items]
+        for a, b in zip(batch.items[row], alone.items):
+            if isinstance(a, str):
+                assert a == b
+            else:  # the batch's noise comes from the same generator in another order: compare the layout only
+                assert a.shape == b.shape == (1, 4, 8, 8)
+
+
+def test_bundled_checkpoint_code_equals_the_sources():
+    """The code copies in checkpoints/transfusion-tiny (root and transformer/) are this package's files; refresh them
+    with `python -m conversion.export_pipeline --refresh-code checkpoints/transfusion-tiny`."""
+    from modeling_transfusion.pipeline_transfusion import _stale_code_files, shipped_code_files
+
+    names = {p.name for p in shipped_code_files()}
+    assert {"pipeline_transfusion.py", "modeling_transfusion.py", "processing_transfusion.py"} <= names
+    assert _stale_code_files(ROOT / "checkpoints" / "transfusion-tiny") == []
+
+
+def test_a_folder_with_other_code_is_refused_by_name(tmp_path, pipe):
+    pipe.save_pretrained(tmp_path)
+    (tmp_path / "transformer" / "processing_transfusion.py").write_text("# edited\n")
+    with pytest.raises(ValueError, match=r"\['transformer/processing_transfusion.py'\] .* differ .*--refresh-code"):
+        TransfusionPipeline.from_pretrained(tmp_path)

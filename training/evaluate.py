@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipelines.pipeline_transfusion import SCHEDULER_NAMES
+from modeling_transfusion.scheduling_transfusion import SCHEDULER_NAMES
 from training.data import (
     EVAL_CATEGORIES,
     FASHION_CLASSES,
@@ -167,7 +167,7 @@ def load_pipeline(path: str | os.PathLike, device: str = "cpu"):
     """A saved TransfusionPipeline folder (model_index.json), or a model folder as `training.train` writes it
     (`<output-dir>/final`: config.json + weights + tokenizer), which gets the model's own DDPM scheduler."""
     import modeling_transfusion  # noqa: F401  (registers the Auto classes)
-    from pipelines import TransfusionPipeline
+    from modeling_transfusion import TransfusionPipeline
 
     path = Path(path)
     if (path / "model_index.json").exists():
@@ -205,7 +205,7 @@ def set_scheduler(pipe, name: str | None, overrides: dict | None = None) -> None
     """Swap the pipeline's scheduler for `name` (see pipelines' SCHEDULER_NAMES; "euler" is flow-euler for a
     flow-matching model), built from its own config, then apply `overrides` to that config (e.g.
     {"algorithm_type": "sde-dpmsolver++"})."""
-    from pipelines.pipeline_transfusion import reconfigure_scheduler, scheduler_class
+    from modeling_transfusion.scheduling_transfusion import reconfigure_scheduler, scheduler_class
 
     scheduler = pipe.scheduler
     if name is not None:
@@ -219,7 +219,7 @@ def set_scheduler(pipe, name: str | None, overrides: dict | None = None) -> None
 def scheduler_variant(scheduler) -> str | None:
     """DPM-Solver's `algorithm_type` (ODE or SDE), or None for a scheduler that takes no such setting: a DDIM built
     from a DPM-Solver config carries the key over without using it."""
-    from pipelines.pipeline_transfusion import scheduler_arguments
+    from modeling_transfusion.scheduling_transfusion import scheduler_arguments
 
     if "algorithm_type" not in scheduler_arguments(scheduler):
         return None

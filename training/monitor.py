@@ -56,7 +56,7 @@ def plot_losses(log_path: Path, png: Path) -> None:
 def write_samples(model, tokenizer, png: Path, seed: int, prompts=SAMPLE_PROMPTS) -> str:
     """A grid of text→image samples (20 DDIM steps, guidance 3) if the pipeline is importable; returns what happened."""
     try:
-        from pipelines.pipeline_transfusion import TransfusionPipeline
+        from modeling_transfusion import TransfusionPipeline
     except Exception as err:  # the pipeline lives in another package that may not be there yet
         return f"sample grid skipped (pipeline not importable: {err})"
     import matplotlib

@@ -11,7 +11,8 @@ Shape legend
 An image sits in the sequence as `<|boi|>` + n `<|image|>` slots + `<|eoi|>`. At the slots the backbone reads patch
 embeddings instead of token embeddings, and the image decoder turns the hidden states there into the diffusion
 prediction (ε, v, x0 or a flow velocity); encoders and decoders live in `patching_transfusion.py`. The attention mask
-is causal, and bidirectional among the slots of one image. The model predicts; a diffusers scheduler owns the noise (see `TransfusionForCausalLM.forward`).
+is causal, and bidirectional among the slots of one image. The model predicts for the latents and timesteps it is given;
+noise belongs to the training objective (`diffusion_transfusion.py`) and to the sampling scheduler.
 """
 
 import inspect
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers import AutoencoderKL
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -29,9 +30,17 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
+from .checks_transfusion import (
+    check_attention_mask,
+    check_ids,
+    check_image_inputs,
+    check_labels,
+    check_pixels,
+    nonfinite_weights,
+)
 from .configuration_transfusion import TransfusionConfig
 from .patching_transfusion import (
     LinearPatchDecoder,
@@ -50,7 +59,11 @@ _MASK_CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).
 # ---------------------------------------------------------------------------------------------------------------
 def image_block_ids(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     """(B, L) ids → (B, L) block ids: −1 for text, k for the slots of the k-th image of the row."""
-    is_image = input_ids == image_token_id
+    return block_ids_from_slots(input_ids == image_token_id)
+
+
+def block_ids_from_slots(is_image: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool image slots → (B, L) block ids: −1 for text, k for the slots of the k-th image of the row."""
     starts = is_image & ~F.pad(is_image, (1, 0))[:, :-1]  # first slot of each run of image slots
     block = starts.long().cumsum(-1) - 1
     return torch.where(is_image, block, torch.full_like(block, -1))
@@ -107,6 +120,8 @@ class TransfusionRotaryEmbedding(nn.Module):
     def __init__(self, config: TransfusionConfig):
         super().__init__()
         self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings  # read by `dynamic_rope_update` (dynamic NTK)
+        self.original_max_seq_len = config.max_position_embeddings
         self.rope_type = config.rope_parameters.get("rope_type", "default")
         init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
         inv_freq, self.attention_scaling = init_fn(config)
@@ -121,6 +136,7 @@ class TransfusionRotaryEmbedding(nn.Module):
         return inv_freq, 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update  # recomputes inv_freq for the "dynamic" and "longrope" types as the sequence grows
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)  # (B, L, d/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, L, d)
@@ -177,7 +193,7 @@ class TransfusionAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, output_attentions=False):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, L, d)
@@ -187,9 +203,9 @@ class TransfusionAttention(nn.Module):
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)  # (B, Hkv, S, d)
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        # Attention weights exist only in the eager reference: asking for them selects it for this call.
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         output, weights = attention(
             self,
             query,
@@ -223,10 +239,12 @@ class TransfusionDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = TransfusionRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = TransfusionRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None, **kwargs):
+    def forward(
+        self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None, output_attentions=False
+    ):
         residual = hidden_states
         hidden_states, weights = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, output_attentions
         )
         hidden_states = residual + hidden_states
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -253,17 +271,14 @@ class TransfusionModelOutputWithPast(ModelOutput):
 @dataclass
 class TransfusionCausalLMOutputWithPast(ModelOutput):
     """
-    loss: lm_loss + diffusion_loss_weight · diffusion_loss (when `labels` were given).
+    loss: the next-token loss (when `labels` were given); the diffusion loss is the objective's
+    (`TransfusionDiffusionObjective`), since only it knows the noise.
     logits: (B, L, V) text logits. image_predictions: (N, C, h, w).
-    image_timesteps: (N,) the timesteps the images were run at (sampled in training).
     """
 
     loss: torch.FloatTensor | None = None
-    lm_loss: torch.FloatTensor | None = None
-    diffusion_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     image_predictions: torch.FloatTensor | None = None
-    image_timesteps: torch.Tensor | None = None
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
@@ -278,6 +293,7 @@ class TransfusionPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["TransfusionDecoderLayer"]
+    _repeated_blocks = ["TransfusionDecoderLayer"]  # diffusers' regional compilation compiles one, reuses it
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False  # flash kernels take no arbitrary mask; the image blocks need one
@@ -306,6 +322,7 @@ class TransfusionPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        _check_local_folder(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
         try:
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except Exception as error:  # a damaged weights file surfaces from deep inside safetensors
@@ -315,6 +332,13 @@ class TransfusionPreTrainedModel(PreTrainedModel):
                 f"A weights file under {pretrained_model_name_or_path} is truncated or corrupted "
                 f"({_damaged_files(pretrained_model_name_or_path) or error}); re-save or re-download the checkpoint"
             ) from error
+        damaged = nonfinite_weights(model)
+        if damaged:
+            raise ValueError(
+                f"The weights loaded from {pretrained_model_name_or_path} hold NaN or infinite values in "
+                f"{', '.join(damaged[:5])}{' …' if len(damaged) > 5 else ''} (files: {_weight_files(pretrained_model_name_or_path, kwargs.get('subfolder', ''))}); "
+                "the checkpoint is damaged: re-save or re-download it"
+            )
         vae = getattr(model, "vae", None)  # TransfusionModel's attribute, TransfusionForCausalLM's property
         if vae is not None:
             vae.requires_grad_(False)  # loading re-wraps tensors as trainable parameters
@@ -340,11 +364,11 @@ class TransfusionModel(TransfusionPreTrainedModel):
         self.rotary_emb = TransfusionRotaryEmbedding(config)
         self.time_embed = TransfusionTimestepEmbedder(config)
         if config.patch_encoder == "unet":
-            self.image_encoder, self.image_decoder = UNetPatchEncoder(config), UNetPatchDecoder(config)
-            self._mark_torch_init(self.image_encoder)
-            self._mark_torch_init(self.image_decoder)
+            self.patch_encoder, self.patch_decoder = UNetPatchEncoder(config), UNetPatchDecoder(config)
+            self._mark_torch_init(self.patch_encoder)
+            self._mark_torch_init(self.patch_decoder)
         else:
-            self.image_encoder, self.image_decoder = LinearPatchEncoder(config), LinearPatchDecoder(config)
+            self.patch_encoder, self.patch_decoder = LinearPatchEncoder(config), LinearPatchDecoder(config)
         self.vae = AutoencoderKL.from_config(config.vae_config)
         self._mark_torch_init(self.vae)
         self.vae.requires_grad_(False)
@@ -366,12 +390,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [−1, 1] → scaled latents (N, C, h, w) (the posterior's mode)."""
-        expected = (self.vae.config.in_channels, self.config.image_size, self.config.image_size)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"pixel_values must have shape (num_images, {expected[0]}, {expected[1]}, {expected[2]}), got "
-                f"{tuple(pixel_values.shape)}; resize images to {expected[1]}×{expected[2]} (the processor does this)"
-            )
+        check_pixels(pixel_values, self.vae.config.in_channels, self.config.image_size)
         vae = self.vae
         latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -385,36 +404,13 @@ class TransfusionModel(TransfusionPreTrainedModel):
         return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample.clamp(-1, 1)
 
     # -- forward -----------------------------------------------------------------------------------------------------
-    def _check_image_inputs(self, input_ids, image_latents, image_timesteps):
-        c = self.config
-        blocks = image_block_ids(input_ids, c.image_token_id)
-        n_slots = int((blocks >= 0).sum())
-        n_images = n_slots // c.image_slots
-        if n_slots:
-            counts = torch.stack([(blocks == k).sum(-1) for k in range(int(blocks.max()) + 1)])  # (K, B)
-            if ((counts != 0) & (counts != c.image_slots)).any():
-                raise ValueError(
-                    f"Every image must occupy exactly {c.image_slots} consecutive <|image|> slots "
-                    f"(image_token_id={c.image_token_id}); found runs of {sorted(set(counts[counts > 0].tolist()))}"
-                )
-        if image_latents is None:
-            if n_slots:
-                raise ValueError(
-                    f"input_ids hold {n_images} image(s) ({n_slots} <|image|> slots) but no image_latents or "
-                    "pixel_values were given"
-                )
-            return blocks, 0
-        expected = (c.latent_channels, c.latent_size, c.latent_size)
-        if image_latents.ndim != 4 or tuple(image_latents.shape[1:]) != expected:
-            raise ValueError(f"image_latents must have shape (num_images, {expected}), got {tuple(image_latents.shape)}")
-        if image_latents.shape[0] != n_images:
-            raise ValueError(
-                f"Number of images ({image_latents.shape[0]}) does not match the image slots in input_ids "
-                f"({n_slots} slots = {n_images} images of {c.image_slots} slots)"
-            )
-        if image_timesteps is not None and image_timesteps.shape != (n_images,):
-            raise ValueError(f"image_timesteps must have shape ({n_images},), got {tuple(image_timesteps.shape)}")
-        return blocks, n_images
+    def token_positions(self, token_id: int, input_ids=None, inputs_embeds=None) -> torch.Tensor:
+        """(B, L) bool: where the sequence holds `token_id`. From `inputs_embeds` alone, where the embedding equals
+        that token's embedding (as transformers' vision-language models find their image placeholders)."""
+        if input_ids is not None:
+            return input_ids == token_id
+        token = self.embed_tokens(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
+        return (inputs_embeds == token).all(-1)
 
     def forward(
         self,
@@ -431,45 +427,46 @@ class TransfusionModel(TransfusionPreTrainedModel):
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> TransfusionModelOutputWithPast:
+    ) -> TransfusionModelOutputWithPast | tuple:
         past_key_values = kwargs.pop("cache", past_key_values)  # transformers ≥ 5.24 keyword
-        if input_ids is None:
-            raise ValueError("TransfusionModel needs input_ids: they say where the images sit in the sequence")
-        if inputs_embeds is not None:
-            raise ValueError("Pass input_ids (and image_latents/pixel_values), not inputs_embeds")
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-            bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)]
-            raise ValueError(
-                f"input_ids contain id(s) {sorted(set(bad.tolist()))[:5]} outside the vocabulary "
-                f"[0, {self.config.vocab_size}); check the tokenizer matches this model"
-            )
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        c = self.config
+        output_attentions = c.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = c.return_dict if return_dict is None else return_dict
+        use_cache = c.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # recomputed layers would write the cache twice
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        check_ids(c, input_ids, inputs_embeds, past_length)
         if pixel_values is not None and image_latents is None:
             image_latents = self.encode_images(pixel_values)
-        blocks, n_images = self._check_image_inputs(input_ids, image_latents, image_timesteps)
 
-        batch, length = input_ids.shape
-        inputs_embeds = self.embed_tokens(input_ids)  # (B, L, D)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, L, D)
+        slots = self.token_positions(c.image_token_id, input_ids, inputs_embeds)  # (B, L)
+        blocks = block_ids_from_slots(slots)
+        n_images = check_image_inputs(c, blocks, image_latents, image_timesteps)
+        batch, length = inputs_embeds.shape[:2]
+        check_attention_mask(attention_mask, batch, past_length + length)
+        device = inputs_embeds.device
         temb = skips = None
         if n_images:
             if image_timesteps is None:
-                image_timesteps = torch.zeros(n_images, device=input_ids.device)
+                image_timesteps = torch.zeros(n_images, device=device)
             temb = self.time_embed(image_timesteps, inputs_embeds.dtype)  # (N, D)
-            image_tokens, skips = self.image_encoder(image_latents, temb)  # (N, n, D)
-            slots = (blocks >= 0)[..., None]
-            inputs_embeds = inputs_embeds.masked_scatter(slots, image_tokens.to(inputs_embeds.dtype))
+            image_tokens, skips = self.patch_encoder(image_latents, temb)  # (N, n, D)
+            inputs_embeds = inputs_embeds.masked_scatter(slots[..., None], image_tokens.to(inputs_embeds.dtype))
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if attention_mask is None:
-            attention_mask = torch.ones(batch, past_length + length, dtype=torch.long, device=input_ids.device)
+            attention_mask = torch.ones(batch, past_length + length, dtype=torch.long, device=device)
         if position_ids is None:
             # Positions count only attended tokens, so left padding and dropped captions shift nothing.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
 
         block_sequence_ids = None
-        if n_images and self.config.image_attention == "bidirectional":
+        if n_images and c.image_attention == "bidirectional":
             block_sequence_ids = F.pad(blocks, (past_length, 0), value=-1)  # full length: past + current
         mask = create_causal_mask(
             config=self.config,
@@ -491,6 +488,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
                 past_key_values=past_key_values,
+                output_attentions=output_attentions,
             )
             if output_attentions:
                 all_attn.append(weights)
@@ -500,21 +498,23 @@ class TransfusionModel(TransfusionPreTrainedModel):
 
         image_predictions = None
         if n_images:
-            image_hidden = hidden_states[blocks >= 0].view(n_images, self.config.image_slots, -1)  # (N, n, D)
-            image_predictions = self.image_decoder(image_hidden, temb, skips)  # (N, C, h, w)
+            image_hidden = hidden_states[slots].view(n_images, c.image_slots, -1)  # (N, n, D)
+            image_predictions = self.patch_decoder(image_hidden, temb, skips)  # (N, C, h, w)
 
-        return TransfusionModelOutputWithPast(
+        output = TransfusionModelOutputWithPast(
             last_hidden_state=hidden_states,
             image_predictions=image_predictions,
             past_key_values=past_key_values if use_cache else None,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attn) if output_attentions else None,
         )
+        return output if return_dict else output.to_tuple()
 
 
 class TransfusionForCausalLM(TransfusionPreTrainedModel, GenerationMixin):
-    """Transfusion with its text head. `forward(..., labels=...)` is the training objective
-    L = L_LM + λ·L_diffusion; without labels it runs the images at the given timesteps (0 = clean) for inference."""
+    """Transfusion with its text head. `forward` predicts: text logits everywhere, and the diffusion prediction for
+    the images at the timesteps it is given (0 = clean); with `labels` it adds the next-token loss. Noise, timestep
+    sampling and the diffusion loss belong to `TransfusionDiffusionObjective`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -523,22 +523,21 @@ class TransfusionForCausalLM(TransfusionPreTrainedModel, GenerationMixin):
         self.model = TransfusionModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self._noise_scheduler = None
         self.post_init()
+        self.generation_config.eos_token_id = self.text_stop_ids(config)
+
+    @staticmethod
+    def text_stop_ids(config: TransfusionConfig) -> list[int]:
+        """Where text-only `generate()` stops: at `<|eos|>`, and at `<|boi|>`, where an image begins. Text decoding
+        cannot produce the image; `TransfusionPipeline.generate_interleaved` continues past it."""
+        eos = [config.eos_token_id] if isinstance(config.eos_token_id, int) else list(config.eos_token_id or [])
+        return [*eos, config.boi_token_id]
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
-
-    @property
-    def noise_scheduler(self):
-        """The diffusers scheduler that noises training images (None for flow matching: closed form). Built on first
-        use, so it never lands on the meta device that `from_pretrained` builds models on."""
-        if self._noise_scheduler is None:
-            self._noise_scheduler = _build_noise_scheduler(self.config)
-        return self._noise_scheduler
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -560,60 +559,6 @@ class TransfusionForCausalLM(TransfusionPreTrainedModel, GenerationMixin):
     def crop_cache(cache: Cache, length: int) -> None:
         crop_cache(cache, length)
 
-    # -- training objective ----------------------------------------------------------------------------------------
-    def _image_follows_text(self, input_ids, attention_mask, blocks) -> torch.Tensor:
-        """(N,) bool: the image is followed by text in its row, i.e. it comes before its caption (noise limiting)."""
-        c = self.config
-        structural = torch.tensor(
-            [t for t in (c.bos_token_id, c.pad_token_id, c.boi_token_id, c.eoi_token_id, c.image_token_id) if t is not None]
-            + ([c.eos_token_id] if isinstance(c.eos_token_id, int) else list(c.eos_token_id or [])),
-            device=input_ids.device,
-        )
-        is_text = ~torch.isin(input_ids, structural) & attention_mask.bool()
-        text_after = is_text.flip(-1).long().cumsum(-1).flip(-1) > 0  # (B, L): text at or after this position
-        last_slot = (blocks >= 0) & (F.pad(blocks, (0, 1), value=-1)[:, 1:] != blocks)  # one per image, row-major
-        return text_after[last_slot]
-
-    def _drop_captions(self, input_ids, attention_mask, labels, blocks):
-        """Caption dropout for classifier-free guidance: in a row whose first image follows text, with probability
-        `caption_drop_prob` hide that text (attention mask 0, so positions shift as if it were absent) and take the LM
-        loss off the row, since an unconditional row looks like a captioning prompt (DESIGN §9)."""
-        c = self.config
-        first_image = (blocks >= 0).float().argmax(-1)  # (B,) first slot position (0 if none)
-        has_image = (blocks >= 0).any(-1)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        before = positions[None] < (first_image[:, None] - 1)  # strictly before <|boi|>
-        caption = before & (input_ids != c.bos_token_id) & attention_mask.bool()
-        drop = has_image & caption.any(-1) & (torch.rand(input_ids.shape[0], device=input_ids.device) < c.caption_drop_prob)
-        if not drop.any():
-            return attention_mask, labels
-        attention_mask = attention_mask.masked_fill(caption & drop[:, None], 0)
-        labels = labels.masked_fill(drop[:, None], -100)
-        return attention_mask, labels
-
-    def _sample_timesteps(self, n_images, limited, device):
-        c = self.config
-        upper = torch.full((n_images,), float(c.num_train_timesteps), device=device)
-        if c.noise_limit_timestep is not None:
-            upper = torch.where(limited, torch.full_like(upper, c.noise_limit_timestep), upper)
-        if c.diffusion_type == "flow_matching":
-            return torch.rand(n_images, device=device) * upper  # continuous σ·T
-        return (torch.rand(n_images, device=device) * upper).long().clamp(max=c.num_train_timesteps - 1)
-
-    def _noise(self, latents, noise, timesteps):
-        """Noised latents and the regression target, through the diffusers scheduler's conventions."""
-        c = self.config
-        if c.diffusion_type == "flow_matching":
-            # FlowMatchEulerDiscreteScheduler: x_σ = (1 − σ)·x0 + σ·ε with σ = t / T; velocity target ε − x0.
-            sigma = (timesteps.float() / c.num_train_timesteps).view(-1, 1, 1, 1)
-            return (1 - sigma) * latents + sigma * noise, noise - latents
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if c.prediction_type == "epsilon":
-            return noisy, noise
-        if c.prediction_type == "v_prediction":
-            return noisy, self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        return noisy, latents
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -626,33 +571,21 @@ class TransfusionForCausalLM(TransfusionPreTrainedModel, GenerationMixin):
         pixel_values: torch.FloatTensor | None = None,
         image_timesteps: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> TransfusionCausalLMOutputWithPast:
+    ) -> TransfusionCausalLMOutputWithPast | tuple:
+        r"""
+        image_latents: (N, C, h, w) the images at the `<|image|>` slots, row-major, as they are (clean, or noised by
+            the caller: see `TransfusionDiffusionObjective`); `pixel_values` (N, 3, H, W) in [−1, 1] are encoded first.
+        image_timesteps: (N,) their diffusion timesteps (default 0: clean).
+        labels: (B, L) next-token targets, −100 where there is no loss (the processor writes them); the loss goes
+            through transformers' `loss_function` and so takes its `num_items_in_batch` and `shift_labels`.
+        """
         past_key_values = kwargs.pop("cache", past_key_values)  # transformers ≥ 5.24 keyword
-        c = self.config
-        if pixel_values is not None and image_latents is None:
-            image_latents = self.model.encode_images(pixel_values)
-
-        target = None
-        if labels is not None and image_latents is not None and image_latents.shape[0]:
-            if input_ids is None:
-                raise ValueError("Training needs input_ids")
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            blocks = image_block_ids(input_ids, c.image_token_id)
-            n_images = image_latents.shape[0]
-            if image_timesteps is None:
-                limited = self._image_follows_text(input_ids, attention_mask, blocks)
-                image_timesteps = self._sample_timesteps(n_images, limited.to(input_ids.device), input_ids.device)
-            noise = torch.randn_like(image_latents)
-            image_latents, target = self._noise(image_latents, noise, image_timesteps)
-            if self.training and c.caption_drop_prob > 0 and position_ids is None:
-                attention_mask, labels = self._drop_captions(input_ids, attention_mask, labels, blocks)
-
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -660,65 +593,103 @@ class TransfusionForCausalLM(TransfusionPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             image_latents=image_latents,
+            pixel_values=pixel_values,
             image_timesteps=image_timesteps,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
-        if logits_to_keep:
-            hidden_states = hidden_states[:, -logits_to_keep:]
-        logits = self.lm_head(hidden_states)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep])  # (B, L or logits_to_keep, V)
 
-        loss = lm_loss = diffusion_loss = None
-        if labels is not None:
-            lm_loss = self._lm_loss(logits, labels, input_ids, attention_mask)
-            loss = lm_loss
-            if target is not None:
-                diffusion_loss = F.mse_loss(outputs.image_predictions.float(), target.float())
-                loss = lm_loss + c.diffusion_loss_weight * diffusion_loss
+        loss = None
+        if labels is not None or kwargs.get("shift_labels") is not None:
+            c, model = self.config, self.model
+            targets = ~(
+                model.token_positions(c.image_token_id, input_ids, inputs_embeds)
+                | model.token_positions(c.eoi_token_id, input_ids, inputs_embeds)
+            )
+            if attention_mask is not None:
+                targets &= attention_mask[:, -targets.shape[1] :].bool()
+            loss = self._lm_loss(logits, labels, targets, **kwargs)
 
-        return TransfusionCausalLMOutputWithPast(
+        output = TransfusionCausalLMOutputWithPast(
             loss=loss,
-            lm_loss=lm_loss,
-            diffusion_loss=diffusion_loss,
             logits=logits,
             image_predictions=outputs.image_predictions,
-            image_timesteps=image_timesteps,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+        return output if return_dict else output.to_tuple()
 
-    def _lm_loss(self, logits, labels, input_ids, attention_mask):
-        """Next-token cross-entropy. Never on image slots, on the <|eoi|> that closes an image (it is appended, not
-        predicted), or on padding."""
-        c = self.config
-        if logits.shape[1] != labels.shape[1]:
-            raise ValueError("labels need logits for every position: call with logits_to_keep=0")
-        labels = labels.clone()
-        if input_ids is not None:
-            ignore = (input_ids == c.image_token_id) | (input_ids == c.eoi_token_id)
-            if attention_mask is not None:
-                ignore |= ~attention_mask[:, -input_ids.shape[1] :].bool()
-            labels = labels.masked_fill(ignore, -100)
-        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-        shift_labels = labels[:, 1:].reshape(-1)
-        if (shift_labels != -100).sum() == 0:
-            return shift_logits.sum() * 0.0
-        return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+    def _lm_loss(self, logits, labels, text_positions, shift_labels=None, **kwargs):
+        """Next-token cross-entropy through `self.loss_function`. Never on a target that is an image slot or the
+        `<|eoi|>` closing an image (appended, not predicted), nor on padding: `text_positions` (B, L) marks the
+        positions that may be targets."""
+        length = text_positions.shape[1]
+        check_labels(self.config, "labels", labels, text_positions.shape)
+        check_labels(self.config, "shift_labels", shift_labels, text_positions.shape)
+        if logits.shape[1] != length:
+            raise ValueError(
+                f"labels need logits at all {length} positions, got {logits.shape[1]}: call with logits_to_keep=0"
+            )
+        if shift_labels is None:
+            shift_labels = F.pad(labels.masked_fill(~text_positions, -100), (0, 1), value=-100)[:, 1:]
+        else:
+            shift_labels = shift_labels.masked_fill(~F.pad(text_positions[:, 1:], (0, 1), value=False), -100)
+        if kwargs.get("num_items_in_batch") is None and not (shift_labels != -100).any():
+            return logits.sum() * 0.0  # no target in the batch: a zero loss that keeps the graph, not NaN
+        return self.loss_function(
+            logits=logits, labels=None, vocab_size=self.config.vocab_size, shift_labels=shift_labels.contiguous(), **kwargs
+        )
 
     # -- generation ----------------------------------------------------------------------------------------------
-    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
-        image_latents = kwargs.pop("image_latents", None)
-        pixel_values = kwargs.pop("pixel_values", None)
-        image_timesteps = kwargs.pop("image_timesteps", None)
-        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
-        # Images enter with the prompt (the prefill); later steps feed single text tokens and read them from the cache.
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        past_key_values=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        image_latents=None,
+        pixel_values=None,
+        image_timesteps=None,
+        **kwargs,
+    ):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        )
+        # Images enter with the prompt (the prefill, by ids or embeddings); later steps feed single text tokens and read
+        # the images from the cache.
         step_ids = model_inputs.get("input_ids")
-        if step_ids is not None and (step_ids == self.config.image_token_id).any():
+        prefill = model_inputs.get("inputs_embeds") is not None
+        if prefill or (step_ids is not None and (step_ids == self.config.image_token_id).any()):
             model_inputs.update(image_latents=image_latents, pixel_values=pixel_values, image_timesteps=image_timesteps)
         return model_inputs
+
+
+def _check_local_folder(name_or_path, subfolder: str = "") -> None:
+    """A path that names a local folder must be one with a config.json; a Hub repo id passes through."""
+    from pathlib import Path
+
+    text = str(name_or_path)
+    path = Path(text) / subfolder if subfolder else Path(text)
+    local = Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    if not local:
+        return
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder: pass a saved model folder (with config.json) or a Hub repo id")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: it is not a saved model folder")
+
+
+def _weight_files(folder, subfolder: str = "") -> str:
+    from pathlib import Path
+
+    path = Path(str(folder)) / subfolder
+    return ", ".join(sorted(p.name for p in path.glob("*.safetensors"))) if path.is_dir() else str(folder)
 
 
 def _damaged_files(folder) -> str:
@@ -736,12 +707,6 @@ def _damaged_files(folder) -> str:
         except Exception as e:  # noqa: BLE001 - we report every unreadable file
             damaged.append(f"{path.name}: {e}")
     return "; ".join(damaged)
-
-
-def _build_noise_scheduler(config: TransfusionConfig):
-    if config.diffusion_type == "flow_matching":
-        return None  # the interpolation is closed form (see `_noise`); sampling uses FlowMatchEulerDiscreteScheduler
-    return DDPMScheduler.from_config(config.scheduler_config())
 
 
 TransfusionModel.register_for_auto_class("AutoModel")

@@ -1,42 +1,59 @@
-"""TransfusionProcessor: interleaved text and images → model inputs.
+"""TransfusionProcessor: interleaved text and images → model inputs. The one owner of the sequence layout.
 
-A row is a list of items, each a string or an image (PIL, numpy HWC uint8, or a (3, H, W) tensor in [−1, 1]).
-Text is tokenised without special tokens (a user's "<|image|>" stays plain text); an image becomes
-`<|boi|>` + `image_slots` × `<|image|>` + `<|eoi|>` and its pixels go to `pixel_values` in row-major order.
+A row is a list of items, each a string or an image. Text is tokenised without special tokens (a user's "<|image|>"
+stays plain text); an image becomes `<|boi|>` + `image_slots` × `<|image|>` + `<|eoi|>`. Every row starts with
+`<|bos|>`. Images are given as pixels (PIL, numpy HWC uint8, or a (3, H, W) tensor in [−1, 1]) and come back as
+`pixel_values`, or — with `images_as_latents=True` — as VAE latents (C, h, w) that come back as `image_latents`
+(a training collator holds latents already and needs no pixels). Both are stacked in row-major order.
+
+Pixel preprocessing (`prepare_image`): EXIF orientation applied, transparency composited on the background colour
+(the training images have black backgrounds), the aspect ratio kept by padding to a square with that colour, then
+resized to `image_size` and scaled to [−1, 1].
 """
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
+from PIL import ImageOps
 from transformers import BatchFeature, ProcessorMixin
 
 # Modes PIL converts to RGB without guessing a value range; 16/32-bit and float images are refused.
-SUPPORTED_IMAGE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+SUPPORTED_IMAGE_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
 
-def to_pixel_tensor(image, image_size: int, image_processor: VaeImageProcessor) -> torch.Tensor:
-    """One image → (3, image_size, image_size) float in [−1, 1]. Raises ValueError for what cannot be converted."""
-    if isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"An image tensor must be (3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
-        if image.shape[1:] != (image_size, image_size):
-            image = torch.nn.functional.interpolate(image[None].float(), size=(image_size, image_size), mode="bilinear")[0]
-        return image.float().clamp(-1, 1)
+def prepare_image(image, image_size: int, background=(0, 0, 0)) -> tuple[PIL.Image.Image, list[str]]:
+    """A PIL image or uint8 numpy array → an RGB `image_size`² PIL image, and the steps taken (for a UI's note).
+
+    Raises ValueError naming the problem for what cannot be converted (type, dtype, mode, an empty image)."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3):
             raise ValueError(f"A numpy image must be uint8 HW or HWC, got dtype {image.dtype} shape {image.shape}")
         image = PIL.Image.fromarray(image)
     if not isinstance(image, PIL.Image.Image):
         raise ValueError(f"Unsupported image type {type(image).__name__}; pass a PIL image, a uint8 array or a tensor")
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"image is empty (size {image.width}×{image.height}); an image needs at least 1×1 pixels")
     if image.mode not in SUPPORTED_IMAGE_MODES:
         raise ValueError(
             f"Unsupported image mode {image.mode!r}; convert it to 'RGB' or 'L' first (supported: {SUPPORTED_IMAGE_MODES})"
         )
-    if image.width < 1 or image.height < 1:
-        raise ValueError(f"Empty image of size {image.size}")
+    steps = []
+    transposed = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
+    if transposed is not None and transposed.size != image.size:
+        steps.append("rotated as its EXIF orientation says")
+    image = transposed if transposed is not None else image
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        flat = PIL.Image.new("RGBA", image.size, (*background, 255))
+        image = PIL.Image.alpha_composite(flat, image.convert("RGBA"))
+        steps.append("transparency on the background colour")
     image = image.convert("RGB")
-    return image_processor.preprocess(image, height=image_size, width=image_size)[0]
+    if image.size != (image_size, image_size):
+        if image.width != image.height:
+            steps.append("padded to a square")
+        image = ImageOps.pad(image, (image_size, image_size), method=PIL.Image.Resampling.LANCZOS, color=background)
+    return image, steps
 
 
 class TransfusionProcessor(ProcessorMixin):
@@ -47,14 +64,17 @@ class TransfusionProcessor(ProcessorMixin):
         tokenizer: a tokenizer with the `<|bos|> <|eos|> <|pad|> <|boi|> <|eoi|> <|image|>` special tokens.
         image_size: pixel height/width the VAE takes (`config.image_size`).
         image_slots: sequence positions per image (`config.image_slots`).
+        background: RGB colour for transparency and padding (the training images' background).
     """
 
     tokenizer_class = "AutoTokenizer"
 
-    def __init__(self, tokenizer=None, image_size: int = 32, image_slots: int = 16, chat_template=None, **kwargs):
+    def __init__(self, tokenizer=None, image_size: int = 32, image_slots: int = 16, background=(0, 0, 0),
+                 chat_template=None, **kwargs):  # fmt: skip
         self.image_size = image_size
         self.image_slots = image_slots
-        self.image_processor_ = VaeImageProcessor(vae_scale_factor=1, do_resize=True, resample="bicubic")
+        self.background = tuple(background)
+        self.image_processor_ = VaeImageProcessor(vae_scale_factor=1, do_resize=False)
         super().__init__(tokenizer, chat_template=chat_template)
 
     @classmethod
@@ -77,23 +97,68 @@ class TransfusionProcessor(ProcessorMixin):
             ids[name] = declared if declared is not None else self._token_id(f"<|{name}|>")
         return ids
 
+    @property
+    def image_slot_ids(self) -> list[int]:
+        """The `<|image|>` ids of one image's slots (between `<|boi|>` and `<|eoi|>`)."""
+        return [self.special_ids["image"]] * self.image_slots
+
     def encode_text(self, text: str) -> list[int]:
         """Token ids of plain text; special-token strings in user text are not parsed as special tokens."""
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
-    def _encode_row(self, row, add_eos: bool, ids: dict) -> tuple[list[int], list[torch.Tensor]]:
+    def preprocess_image(self, image) -> torch.Tensor:
+        """One image → (3, image_size, image_size) float in [−1, 1] (see `prepare_image`). A tensor is taken as
+        already in [−1, 1] and only resized."""
+        if isinstance(image, torch.Tensor):
+            if image.ndim != 3 or image.shape[0] != 3:
+                raise ValueError(f"An image tensor must be (3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
+            if 0 in image.shape:
+                raise ValueError(f"image is empty (shape {tuple(image.shape)}); an image needs at least 1×1 pixels")
+            if image.shape[1:] != (self.image_size, self.image_size):
+                size = (self.image_size, self.image_size)
+                image = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear")[0]
+            return image.float().clamp(-1, 1)
+        image, _ = prepare_image(image, self.image_size, self.background)
+        return self.image_processor_.preprocess(image)[0]
+
+    def _encode_row(self, row, add_eos: bool, ids: dict, images_as_latents: bool):
         if isinstance(row, (str, PIL.Image.Image, np.ndarray, torch.Tensor)):
             row = [row]
-        tokens, pixels = [ids["bos"]], []
+        tokens, images = [ids["bos"]], []
         for item in row:
             if isinstance(item, str):
                 tokens += self.encode_text(item)
+                continue
+            if images_as_latents:
+                if not isinstance(item, torch.Tensor) or item.ndim != 3:
+                    raise ValueError(f"With images_as_latents=True an image is a latent tensor (C, h, w), got "
+                                     f"{type(item).__name__}{tuple(getattr(item, 'shape', ()))}")  # fmt: skip
+                images.append(item)
             else:
-                pixels.append(to_pixel_tensor(item, self.image_size, self.image_processor_))
-                tokens += [ids["boi"]] + [ids["image"]] * self.image_slots + [ids["eoi"]]
+                images.append(self.preprocess_image(item))
+            tokens += [ids["boi"], *self.image_slot_ids, ids["eoi"]]
         if add_eos:
             tokens.append(ids["eos"])
-        return tokens, pixels
+        return tokens, images
+
+    def pad(self, rows: list[list[int]], padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+        """Token rows → (B, L) `input_ids` padded with `<|pad|>` on `padding_side`, and the attention mask."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        length = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), length), self.special_ids["pad"], dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, tokens in enumerate(rows):
+            span = slice(length - len(tokens), length) if padding_side == "left" else slice(0, len(tokens))
+            input_ids[i, span] = torch.as_tensor(tokens, dtype=torch.long)
+            attention_mask[i, span] = 1
+        return input_ids, attention_mask
+
+    def labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """LM labels: the ids, with −100 (no loss) on image slots, `<|eoi|>` and padding."""
+        ids = self.special_ids
+        ignore = (input_ids == ids["image"]) | (input_ids == ids["eoi"]) | (attention_mask == 0)
+        return input_ids.masked_fill(ignore, -100)
 
     def __call__(
         self,
@@ -102,14 +167,16 @@ class TransfusionProcessor(ProcessorMixin):
         append_boi: bool = False,
         padding_side: str = "right",
         return_labels: bool = False,
+        images_as_latents: bool = False,
         return_tensors: str = "pt",
         **kwargs,
     ) -> BatchFeature:
         """Encode one row (a string, an image, or a list of them) or a batch (a list of rows).
 
         `append_boi` ends every row with `<|boi|>` (a text→image prompt); `add_eos` ends it with `<|eos|>` (training).
-        Rows are padded with `<|pad|>` on `padding_side` ("left" for generation). `return_labels` adds `labels`:
-        the ids with −100 on image slots, `<|eoi|>` and padding.
+        Rows are padded with `<|pad|>` on `padding_side` ("left" for generation). `return_labels` adds `labels`
+        (see `labels`). Images become `pixel_values` (N, 3, S, S), or with `images_as_latents=True` the items are
+        latents (C, h, w) and become `image_latents` (N, C, h, w).
         """
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -118,23 +185,15 @@ class TransfusionProcessor(ProcessorMixin):
         is_batch = isinstance(inputs, list) and any(isinstance(r, (list, tuple)) for r in inputs)
         rows = inputs if is_batch else [inputs]
         ids = self.special_ids
-        encoded = [self._encode_row(r, add_eos, ids) for r in rows]
-        if append_boi:
-            encoded = [(t + [ids["boi"]], p) for t, p in encoded]
-        length = max(len(t) for t, _ in encoded)
-        input_ids = torch.full((len(rows), length), ids["pad"], dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, (tokens, _) in enumerate(encoded):
-            span = slice(length - len(tokens), length) if padding_side == "left" else slice(0, len(tokens))
-            input_ids[i, span] = torch.tensor(tokens)
-            attention_mask[i, span] = 1
+        encoded = [self._encode_row(r, add_eos, ids, images_as_latents) for r in rows]
+        tokens = [t + [ids["boi"]] if append_boi else t for t, _ in encoded]
+        input_ids, attention_mask = self.pad(tokens, padding_side)
         data = {"input_ids": input_ids, "attention_mask": attention_mask}
-        pixels = [p for _, row_pixels in encoded for p in row_pixels]
-        if pixels:
-            data["pixel_values"] = torch.stack(pixels)
+        images = [image for _, row_images in encoded for image in row_images]
+        if images:
+            data["image_latents" if images_as_latents else "pixel_values"] = torch.stack(images)
         if return_labels:
-            ignore = (input_ids == ids["image"]) | (input_ids == ids["eoi"]) | (attention_mask == 0)
-            data["labels"] = input_ids.masked_fill(ignore, -100)
+            data["labels"] = self.labels(input_ids, attention_mask)
         return BatchFeature(data, tensor_type=return_tensors)
 
     def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
@@ -150,4 +209,4 @@ class TransfusionProcessor(ProcessorMixin):
 
 TransfusionProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["TransfusionProcessor", "SUPPORTED_IMAGE_MODES", "to_pixel_tensor"]
+__all__ = ["TransfusionProcessor", "SUPPORTED_IMAGE_MODES", "prepare_image"]

@@ -1,0 +1,157 @@
+"""LoRA for TransfusionPipeline through the libraries' own machinery.
+
+An adapter is a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`, keys `base_model.model.…lora_A.weight`),
+as written by `training/finetune_lora.py` or any `PeftModel.save_pretrained`. Loading goes through transformers'
+`PeftAdapterMixin.load_adapter` on the model (it reads PEFT folders, `modules_to_save` included); fusing, unfusing,
+switching and removing go through diffusers' `LoraBaseMixin`, which handles a transformers model as it handles a text
+encoder. What this file adds: a shape check that turns an adapter made for another model into a ValueError naming the
+module and both sizes, and two things diffusers' text-encoder path leaves out (see `unload_lora_weights`).
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from diffusers.loaders.lora_base import LoraBaseMixin
+
+
+class TransfusionLoraLoaderMixin(LoraBaseMixin):
+    """`load_lora_weights`, `fuse_lora`, `unfuse_lora`, `unload_lora_weights`, `set_adapters`, `disable_lora`,
+    `enable_lora`, `delete_adapters`, `get_active_adapters` for the pipeline's `transformer`."""
+
+    _lora_loadable_modules = ["transformer"]
+    transformer_name = "transformer"
+
+    def load_lora_weights(self, pretrained_model_name_or_path, adapter_name: str | None = None, **kwargs) -> None:
+        """Load a PEFT LoRA adapter (local folder or Hub repo id) into the transformer and make it the active one.
+
+        Extra keyword arguments go to `transformers.PreTrainedModel.load_adapter` (e.g. `revision`, `token`)."""
+        model = self.transformer
+        folder = _adapter_folder(pretrained_model_name_or_path, kwargs)
+        check_adapter_fits(model, folder)
+        adapter_name = adapter_name or ("default" if not getattr(model, "_hf_peft_config_loaded", False) else None)
+        if adapter_name is None:
+            raise ValueError(f"An adapter is loaded already ({sorted(model.peft_config)}): pass adapter_name= for this one")
+        if not getattr(model, "_hf_peft_config_loaded", False):
+            # transformers 5.23's load_adapter replaces the model's record of how its weight names were converted
+            # at load time with the adapter's renamings; a later save_pretrained then writes `base_model.model.`
+            # keys. Remember the model's own record (and trainable flags) to put back when the LoRA goes.
+            self._lora_base_state = (vars(model).get("_weight_conversions", _MISSING),
+                                     {n: p.requires_grad for n, p in model.named_parameters()})  # fmt: skip
+        model.load_adapter(str(folder), adapter_name=adapter_name, **kwargs)
+        model.set_adapter(adapter_name)
+
+    def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, safe_fusing: bool = False,
+                  adapter_names: list[str] | None = None, **kwargs) -> None:  # fmt: skip
+        """Merge the active LoRA adapter(s), scaled by `lora_scale`, into the base weights (diffusers' fuse_lora on
+        the transformer). `unload_lora_weights()` afterwards keeps the fused weights and drops the LoRA layers."""
+        if not getattr(self.transformer, "_hf_peft_config_loaded", False):
+            raise ValueError("No LoRA adapter is loaded: call load_lora_weights(path) before fuse_lora()")
+        super().fuse_lora(components=components or self._lora_loadable_modules, lora_scale=lora_scale,
+                          safe_fusing=safe_fusing, adapter_names=adapter_names, **kwargs)  # fmt: skip
+
+    def unfuse_lora(self, components: list[str] | None = None, **kwargs) -> None:
+        super().unfuse_lora(components=components or self._lora_loadable_modules, **kwargs)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every LoRA adapter (diffusers' unload). Un-fused adapters are simply gone; fused ones stay in the
+        weights. Two things diffusers' text-encoder path does not do: PEFT `modules_to_save` copies (the fine-tuned
+        patch modules) are replaced by the trained copy when fused and by the original otherwise, and the model's
+        weight-name record and trainable flags from before `load_lora_weights` come back, so `save_pretrained`
+        writes plain keys."""
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        model = self.transformer
+        fused = bool(self._merged_adapters)
+        for name, module in list(model.named_modules()):
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                replacement = (module.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
+                               if fused else module.original_module)  # fmt: skip
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, replacement)
+        super().unload_lora_weights()
+        model._hf_peft_config_loaded = False
+        conversions, trainable = getattr(self, "_lora_base_state", None) or (_MISSING, {})
+        if conversions is _MISSING:
+            vars(model).pop("_weight_conversions", None)
+        else:
+            model._weight_conversions = conversions
+        for name, param in model.named_parameters():
+            param.requires_grad_(trainable.get(name, param.requires_grad))
+        self._lora_base_state = None
+        self._merged_adapters = set()
+
+
+_MISSING = object()  # the model had no `_weight_conversions` (built in memory, not loaded)
+
+
+def _adapter_folder(name_or_path, kwargs: dict) -> Path:
+    """A local adapter folder: the path itself, or the adapter files of a Hub repo downloaded to the cache."""
+    path = Path(str(name_or_path))
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/")):
+        raise ValueError(f"{name_or_path} is not a LoRA adapter folder (expected adapter_config.json inside it)")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name_or_path), revision=kwargs.get("revision"), token=kwargs.get("token"),
+                                  allow_patterns=["adapter_config.json", "adapter_model.*"]))  # fmt: skip
+
+
+def _adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    if (folder / "adapter_model.safetensors").exists():
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    if (folder / "adapter_model.bin").exists():
+        state = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+        return {key: tuple(value.shape) for key, value in state.items()}
+    raise ValueError(f"{folder} holds no adapter_model.safetensors or adapter_model.bin")
+
+
+def check_adapter_fits(model, folder: Path) -> None:
+    """Raise ValueError naming every adapter tensor that does not fit `model` (a module it lacks, another size)."""
+    if not (folder / "adapter_config.json").exists():
+        raise ValueError(f"{folder} is not a PEFT adapter folder: it has no adapter_config.json")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{folder} holds a {config.get('peft_type')} adapter; load_lora_weights loads LoRA adapters")
+    # the model's own weights under their plain names (PEFT wrappers of earlier adapters stripped)
+    plain = {}
+    for key, value in model.state_dict().items():
+        key = re.sub(r"\.(base_layer|original_module)(?=\.)|\.modules_to_save\.[^.]+(?=\.)", "", key)
+        plain.setdefault(key, tuple(value.shape))
+    modules = dict(model.named_modules())
+    problems = []
+    for key, shape in sorted(_adapter_shapes(folder).items()):
+        name = key.removeprefix("base_model.model.")
+        match = re.match(r"(.+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$", name)
+        if match is None:  # a full module saved through modules_to_save
+            if name not in plain:
+                problems.append(f"{name}: this model has no such weight")
+            elif plain[name] != shape:
+                problems.append(f"{name}: adapter {list(shape)} vs model {list(plain[name])}")
+            continue
+        module_name, part = match.groups()
+        module = modules.get(module_name)
+        weight = getattr(getattr(module, "base_layer", module), "weight", None)
+        if weight is None:
+            problems.append(f"{module_name}: the adapter adapts it, this model has no such layer")
+            continue
+        # lora_A reads the layer's input, lora_B writes its output (embedding LoRA the other way round)
+        axis, got, side = {
+            "lora_A": (1, shape[1], "input"),
+            "lora_B": (0, shape[0], "output"),
+            "lora_embedding_A": (0, shape[1], "vocabulary"),
+            "lora_embedding_B": (1, shape[0], "embedding"),
+        }[part]
+        if weight.shape[axis] != got:
+            problems.append(f"{module_name}: adapter {part} {list(shape)} needs {side} size {got}, "
+                            f"the layer has {weight.shape[axis]}")  # fmt: skip
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; … {len(problems) - 6} more" if len(problems) > 6 else "")
+        base = config.get("base_model_name_or_path")
+        raise ValueError(f"The LoRA adapter in {folder} does not fit this model"
+                         + (f" (it was trained on {base})" if base else "") + f": {shown}")  # fmt: skip

@@ -1,0 +1,517 @@
+"""TransfusionPipeline: text→image, image→text and interleaved generation with one Transfusion model.
+
+The pipeline only orchestrates. Its `transformer` component *is* the transformers `TransfusionForCausalLM` (which owns
+the VAE, the patch layers and the cache helper); its processor (built from the tokenizer and the model config) owns
+the sequence layout, special ids, padding and pixel preprocessing. This file ships with the model code and imports
+its neighbours relatively, so it also loads as remote code next to a saved checkpoint.
+
+Sampling, in named steps used by every path:
+  `prefill`       the prompt prefix runs once and fills a KV cache (for guidance: conditional and unconditional rows);
+  `denoise`       each scheduler step runs only the image slots against that cache and crops the cache back;
+  `append_image`  the finished latent runs once more at t = 0, so text generated afterwards attends to the clean image.
+"""
+
+import inspect
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import DynamicCache
+from transformers.dynamic_module_utils import get_relative_import_files
+
+from .lora_transfusion import TransfusionLoraLoaderMixin
+from .processing_transfusion import TransfusionProcessor
+
+MODEL_SUBFOLDER = "transformer"
+# The code that travels with a checkpoint: this file, the model and the processor, and everything they import
+# relatively. One list, copied to the folder root (for diffusers) and to the model folder (for transformers).
+_HERE = Path(__file__).resolve()
+CODE_ENTRY_FILES = ("pipeline_transfusion.py", "modeling_transfusion.py", "processing_transfusion.py")
+
+
+def shipped_code_files(folder: Path = _HERE.parent) -> list[Path]:
+    """The code files of `folder` that a saved checkpoint carries (the entry files and their relative imports)."""
+    files = set()
+    for name in CODE_ENTRY_FILES:
+        files |= {Path(f).resolve() for f in [folder / name, *get_relative_import_files(str(folder / name))]}
+    return sorted(files)
+
+
+def save_code(save_directory) -> list[Path]:
+    """Copy the shipped code files into a saved pipeline folder: its root and its model subfolder."""
+    root = Path(save_directory)
+    written = []
+    for target in (root, root / MODEL_SUBFOLDER):
+        target.mkdir(parents=True, exist_ok=True)
+        for source in shipped_code_files():
+            if source != (target / source.name).resolve():
+                shutil.copyfile(source, target / source.name)
+            written.append(target / source.name)
+    return written
+
+
+@dataclass
+class TransfusionPipelineOutput(BaseOutput):
+    """images: PIL images, a numpy array (N, H, W, 3), a tensor (N, 3, H, W) or latents (N, C, h, w)."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
+
+
+@dataclass
+class InterleavedOutput(BaseOutput):
+    """items: the generated text pieces and images in order (one list per prompt when a batch was given).
+    token_ids: the whole sequence of each prompt (a (1, L) tensor, or a list of them for a batch)."""
+
+    items: list | None = None
+    token_ids: torch.Tensor | list | None = None
+
+
+@dataclass
+class Prefix:
+    """A cached prefix: the KV cache of `rows` sequences and their attention mask (B, L) over the cached positions."""
+
+    cache: DynamicCache
+    mask: torch.Tensor
+
+
+class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
+    r"""
+    Text→image with a Transfusion model, plus captioning (`caption`) and interleaved text+image generation
+    (`generate_interleaved`) with the same model.
+
+    Components:
+        transformer: `TransfusionForCausalLM` (holds the VAE: `pipe.vae is pipe.transformer.vae`).
+        scheduler: any diffusers scheduler for the model's prediction type (DDPM, DDIM, PNDM, LMS, Euler, Heun,
+            DPM-Solver, UniPC, … for ε-prediction; `FlowMatchEulerDiscreteScheduler` for flow matching).
+        tokenizer: the model's tokenizer (with `<|bos|> <|eos|> <|pad|> <|boi|> <|eoi|> <|image|>`).
+        default_inference_steps: the step count `__call__` uses when given none (saved in model_index.json).
+    """
+
+    model_cpu_offload_seq = "transformer"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, transformer, scheduler, tokenizer, default_inference_steps: int | None = None):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, tokenizer=tokenizer)
+        self.register_to_config(default_inference_steps=default_inference_steps)
+        self.processor = TransfusionProcessor.from_model_config(tokenizer, transformer.config)
+
+    @property
+    def vae(self):
+        return self.transformer.vae
+
+    @property
+    def image_size(self) -> int:
+        return self.transformer.config.image_size
+
+    # the state a step callback reads and may change (diffusers' convention, e.g. its CFG-cutoff callbacks)
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    # -- inputs --------------------------------------------------------------------------------------------------------
+    def check_inputs(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, latents, n,
+                     output_type, callback_on_step_end_tensor_inputs):  # fmt: skip
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
+            raise ValueError(f"prompt must be a non-empty string or list of strings, got {prompt!r}")
+        negatives = None
+        if negative_prompt is not None:
+            negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+            if not isinstance(negatives, list) or len(negatives) not in (1, len(prompt)):
+                raise ValueError(f"negative_prompt must be a string or a list of {len(prompt)} strings")
+            negatives = negatives * (len(prompt) // len(negatives))  # one per prompt
+        grid = self.transformer.config.vae_downsample * self.transformer.config.patch_size
+        for name, value in (("height", height), ("width", width)):
+            if value % grid:
+                raise ValueError(f"{name}={value} is off the patch grid: it must be a multiple of {grid} (VAE × patch)")
+            if value != self.image_size:
+                raise ValueError(f"{name}={value}: this model generates {self.image_size}×{self.image_size} images")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be ≥ 0 (1 = no guidance), got {guidance_scale}")
+        if n < 1:
+            raise ValueError(f"num_images_per_prompt must be ≥ 1, got {n}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be one of 'pil', 'np', 'pt', 'latent', got {output_type!r}")
+        bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(bad)} not in {self._callback_tensor_inputs}")
+        if latents is not None:
+            c = self.transformer.config
+            shape = (len(prompt) * n, c.latent_channels, c.latent_size, c.latent_size)
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        return prompt, negatives
+
+    def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None, do_cfg: bool):
+        """The processor's generation rows `<|bos|> prompt <|boi|>` (then the unconditional/negative rows when
+        guiding), left-padded: (ids, attention mask)."""
+        rows = prompts + ((negative_prompts or [""] * len(prompts)) if do_cfg else [])
+        enc = self.processor([[text] for text in rows], append_boi=True, padding_side="left")
+        return enc["input_ids"].to(self._execution_device), enc["attention_mask"].to(self._execution_device)
+
+    def prepare_latents(self, batch_size, dtype, generator, latents=None):
+        """Initial noise scaled by the scheduler's `init_noise_sigma` — read after `set_timesteps`, which sets it for
+        sigma-based schedulers (Euler, Heun, LMS, KDPM2)."""
+        c = self.transformer.config
+        shape = (batch_size, c.latent_channels, c.latent_size, c.latent_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
+        latents = latents.to(device=self._execution_device, dtype=dtype)
+        return latents * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow matching has none
+
+    def prepare_extra_step_kwargs(self, generator, eta=0.0):
+        """Only the `scheduler.step` arguments this scheduler takes (PNDM, LMS, Heun, UniPC, … take no generator)."""
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        extra = {"eta": eta} if "eta" in accepted else {}
+        if "generator" in accepted:
+            extra["generator"] = generator
+        return extra
+
+    # -- sampling in named steps -----------------------------------------------------------------------------------
+    def prefill(self, input_ids, attention_mask, image_latents=None, prefix: Prefix | None = None) -> Prefix:
+        """Run `input_ids` (B, L) into a new cache, or after the cached `prefix`; returns the extended prefix."""
+        cache = prefix.cache if prefix is not None else DynamicCache(config=self.transformer.config)
+        mask = attention_mask if prefix is None else torch.cat([prefix.mask, attention_mask], dim=1)
+        self.transformer(input_ids=input_ids, attention_mask=mask, image_latents=image_latents, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)  # fmt: skip
+        return Prefix(cache, mask)
+
+    def _image_slots(self, rows: int, device) -> torch.Tensor:
+        return torch.tensor([self.processor.image_slot_ids] * rows, device=device)  # (rows, image_slots)
+
+    def _predict(self, prefixes: list[Prefix], latents, t) -> torch.Tensor:
+        """The model's image prediction for `latents` at `t` after each cached prefix; every cache is cropped back."""
+        predictions, start = [], 0
+        for prefix in prefixes:
+            rows = prefix.mask.shape[0]
+            slots = self._image_slots(rows, latents.device)
+            length = prefix.cache.get_seq_length()
+            out = self.transformer(
+                input_ids=slots,
+                attention_mask=torch.cat([prefix.mask, torch.ones_like(slots)], dim=1),
+                past_key_values=prefix.cache,
+                use_cache=True,
+                image_latents=latents[start : start + rows],
+                image_timesteps=t.reshape(1).expand(rows).to(latents.device),
+                logits_to_keep=1,
+            )
+            self.transformer.crop_cache(prefix.cache, length)  # the next step sees the prefix only
+            predictions.append(out.image_predictions)
+            start += rows
+        return torch.cat(predictions)
+
+    @torch.no_grad()
+    def denoise(self, prefixes: list[Prefix], latents, timesteps, generator=None, callback_on_step_end=None,
+                callback_on_step_end_tensor_inputs=("latents",)):  # fmt: skip
+        """The one denoising loop. `prefixes` hold B conditional rows, then (when guiding) B unconditional rows — in
+        one prefix of 2B rows or as a second prefix. A callback that lowers `pipe._guidance_scale` to ≤ 1 drops the
+        unconditional rows from then on."""
+        batch = latents.shape[0]
+        extra = self.prepare_extra_step_kwargs(generator)
+        warmup = len(timesteps) - self._num_inference_steps * self.scheduler.order
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                if not self.do_classifier_free_guidance and sum(p.mask.shape[0] for p in prefixes) > batch:
+                    prefixes = _conditional_rows(prefixes, batch)
+                guided = sum(p.mask.shape[0] for p in prefixes) > batch
+                latent_in = torch.cat([latents, latents]) if guided else latents
+                if hasattr(self.scheduler, "scale_model_input"):  # flow matching has none
+                    latent_in = self.scheduler.scale_model_input(latent_in, t)
+                prediction = self._predict(prefixes, latent_in, t).to(latents.dtype)
+                if guided:
+                    cond, uncond = prediction.chunk(2)
+                    prediction = uncond + self.guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(prediction, t, latents, **extra, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    local = {"latents": latents}
+                    outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = outputs.pop("latents", latents)
+                if i == len(timesteps) - 1 or ((i + 1) > warmup and (i + 1) % self.scheduler.order == 0):
+                    progress.update()
+        return latents
+
+    def append_image(self, prefix: Prefix, latents) -> Prefix:
+        """Run the finished latents (B, C, h, w) at t = 0 after the prefix (its B conditional rows), so the cache
+        holds the clean image; the `<|eoi|>` that closes it is the next input."""
+        slots = self._image_slots(latents.shape[0], latents.device)
+        mask = torch.cat([prefix.mask, torch.ones_like(slots)], dim=1)
+        self.transformer(input_ids=slots, attention_mask=mask, past_key_values=prefix.cache, use_cache=True,
+                         image_latents=latents, image_timesteps=torch.zeros(latents.shape[0], device=latents.device),
+                         logits_to_keep=1)  # fmt: skip
+        return Prefix(prefix.cache, mask)
+
+    def _start_sampling(self, guidance_scale, num_inference_steps):
+        """Set the loop state the callbacks read, then the timesteps (before any latents: see prepare_latents)."""
+        self._guidance_scale, self._interrupt, self._num_inference_steps = guidance_scale, False, num_inference_steps
+        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        self._num_timesteps = len(self.scheduler.timesteps)
+        return self.scheduler.timesteps
+
+    # -- text → image ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float = 3.0,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ):
+        r"""
+        Generate images from text.
+
+        Args:
+            prompt: one prompt or a list. negative_prompt: replaces the empty unconditional prompt of guidance.
+            height, width: pixels; must equal the model's image size (default).
+            num_inference_steps: scheduler steps; None takes the pipeline's `default_inference_steps`, else 50.
+            guidance_scale: classifier-free guidance (1 or less = none).
+            num_images_per_prompt, generator (one, or a list with one per image), latents (initial noise).
+            output_type: "pil", "np", "pt" or "latent".
+            callback_on_step_end(pipe, i, t, {"latents": …}) → dict: may replace the latents, read `pipe.num_timesteps`
+                and change `pipe._guidance_scale` (≤ 1 ends guidance for the remaining steps).
+        """
+        # 1. check inputs
+        height, width = height or self.image_size, width or self.image_size
+        if num_inference_steps is None:
+            num_inference_steps = self.config.get("default_inference_steps") or 50
+        prompts, negatives = self.check_inputs(prompt, negative_prompt, height, width, num_inference_steps,
+                                               guidance_scale, latents, num_images_per_prompt, output_type,
+                                               callback_on_step_end_tensor_inputs)  # fmt: skip
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = None if negatives is None else [p for p in negatives for _ in range(num_images_per_prompt)]
+        # 2. timesteps (they set the scheduler's initial noise scale)
+        timesteps = self._start_sampling(guidance_scale, num_inference_steps)
+        # 3. encode and prefill the prompt (conditional rows, then unconditional rows)
+        ids, mask = self.encode_prompt(prompts, negatives, self.do_classifier_free_guidance)
+        prefix = self.prefill(ids, mask)
+        # 4. prepare latents
+        latents = self.prepare_latents(len(prompts), self.transformer.dtype, generator, latents)
+        # 5. the denoising loop
+        latents = self.denoise([prefix], latents, timesteps, generator, callback_on_step_end,
+                               callback_on_step_end_tensor_inputs)  # fmt: skip
+        # 6. decode
+        images = latents if output_type == "latent" else self.postprocess(latents, output_type)
+        self.maybe_free_model_hooks()
+        return TransfusionPipelineOutput(images=images) if return_dict else (images,)
+
+    def postprocess(self, latents: torch.Tensor, output_type: str = "pil"):
+        """Latents → images through the model's VAE."""
+        pixels = self.transformer.decode_latents(latents)
+        return self.processor.postprocess_images(pixels.float(), output_type=output_type)
+
+    # -- image → text ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def caption(self, images, prompt: str | None = None, max_new_tokens: int = 32, do_sample: bool = False,
+                **generate_kwargs) -> list[str]:  # fmt: skip
+        """Describe one image or a list: the processor's row `<|bos|> image [prompt]`, then decoding with the cache."""
+        images = images if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ValueError("caption() needs at least one image")
+        rows = [[image, prompt] if prompt else [image] for image in images]
+        enc = self.processor(rows, padding_side="left").to(self._execution_device)
+        ids = self.processor.special_ids
+        out = self.transformer.generate(
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            pixel_values=enc["pixel_values"].to(self.transformer.dtype),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            eos_token_id=ids["eos"],
+            pad_token_id=ids["pad"],
+            bad_words_ids=[[ids["boi"]], [ids["image"]]],
+            **generate_kwargs,
+        )
+        new = out[:, enc["input_ids"].shape[1] :]
+        return [s.strip() for s in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+    # -- interleaved ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_interleaved(
+        self,
+        prompt: str | list,
+        max_new_tokens: int = 64,
+        max_images: int = 4,
+        num_inference_steps: int | None = None,
+        guidance_scale: float = 3.0,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        callback_on_step_end=None,
+    ) -> InterleavedOutput:
+        """Free decoding with `transformer.generate()` in which the model itself may emit `<|boi|>`: generation stops
+        there, the image is denoised after the cache `generate` returned (guidance against `<|bos|><|boi|>`), run
+        clean into that cache, and decoding continues from `<|eoi|>` on the clean image.
+
+        `prompt` is a string, a list of strings and images (one row) or a list of such rows (a batch). The rows go
+        through `generate` together; those that stop at `<|boi|>` get their images as one batch and continue, the
+        others are finished. `max_new_tokens` counts the sampled tokens of each row (not the image slots).
+        """
+        batched = isinstance(prompt, list) and any(isinstance(row, list) for row in prompt)
+        rows = prompt if batched else [prompt]
+        if not rows or any(row == [] or row == "" for row in rows):
+            raise ValueError("prompt must not be empty")
+        if num_inference_steps is None:
+            num_inference_steps = self.config.get("default_inference_steps") or 50
+        model, ids, device = self.transformer, self.processor.special_ids, self._execution_device
+        enc = self.processor(rows if batched else rows[0], padding_side="left").to(device)
+        known = model.encode_images(enc["pixel_values"].to(model.dtype)) if "pixel_values" in enc else None
+        # the prompt runs through generate's first step; keep the last token uncached, as generate expects
+        prefix = self.prefill(enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1], known)
+        sequence, mask = enc["input_ids"], enc["attention_mask"]  # (B, L): every token so far, cached or not
+        active = torch.arange(len(rows), device=device)  # the rows still generating
+        sequences, items = [None] * len(rows), [[] for _ in rows]
+        budget = torch.full((len(rows),), max_new_tokens, device=device)
+        seed = None if generator is None else int(torch.randint(2**62, (1,), generator=generator))
+        for n_images in range(max_images + 1):
+            banned = [[ids["image"]], [ids["eoi"]]] + ([[ids["boi"]]] if n_images == max_images else [])
+            with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+                if seed is not None:
+                    torch.manual_seed(seed + n_images)
+                out = model.generate(input_ids=sequence, attention_mask=mask, past_key_values=prefix.cache,
+                                     max_new_tokens=int(budget[active].max()), do_sample=temperature > 0,
+                                     temperature=temperature if temperature > 0 else None,
+                                     eos_token_id=[ids["eos"], ids["boi"]], pad_token_id=ids["pad"],
+                                     bad_words_ids=banned, return_dict_in_generate=True)  # fmt: skip
+            new = out.sequences[:, sequence.shape[1] :]  # (B, n): finished rows are padded after their stop token
+            stops = (new == ids["eos"]) | (new == ids["boi"])
+            used = torch.where(stops.any(1), stops.int().argmax(1) + 1, new.shape[1])  # tokens each row sampled
+            used = torch.minimum(used, budget[active])
+            keep = torch.arange(new.shape[1], device=device)[None] < used[:, None]  # (B, n)
+            budget[active] -= used
+            wants_image = (new.gather(1, (used - 1).clamp(min=0)[:, None])[:, 0] == ids["boi"]) & (used > 0)
+            sequence, mask = out.sequences, torch.cat([mask, keep.long()], dim=1)
+            # every row's last real token (its <|boi|>) into the cache: the cache holds all but generate's last column
+            prefix = Prefix(out.past_key_values, mask[:, :-1])
+            prefix = self.prefill(sequence[:, -1:], mask[:, -1:], prefix=prefix)
+            for j, row in enumerate(active.tolist()):
+                text = new[j][keep[j]]
+                if len(text) and text[-1] in (ids["boi"], ids["eos"]):
+                    text = text[:-1]
+                if len(text):
+                    items[row].append(self.processor.decode(text))
+                if not wants_image[j]:
+                    sequences[row] = sequence[j][mask[j].bool()][None]
+            if not wants_image.any():
+                break
+            pick = wants_image.nonzero()[:, 0]
+            active, sequence, mask = active[pick], sequence[pick], mask[pick]
+            prefix.cache.batch_select_indices(pick)
+            prefix = Prefix(prefix.cache, mask)
+            latents = self._interleaved_image(prefix, len(pick), num_inference_steps, guidance_scale, generator,
+                                              callback_on_step_end)  # fmt: skip
+            images = latents if output_type == "latent" else self.postprocess(latents, output_type)
+            for j, row in enumerate(active.tolist()):
+                items[row].append(images[j : j + 1] if output_type == "latent" else images[j])
+            prefix = self.append_image(prefix, latents)
+            closing = torch.tensor([[*self.processor.image_slot_ids, ids["eoi"]]] * len(pick), device=device)
+            sequence, mask = torch.cat([sequence, closing], dim=1), torch.cat([mask, torch.ones_like(closing)], dim=1)
+        if batched:
+            return InterleavedOutput(items=items, token_ids=sequences)
+        return InterleavedOutput(items=items[0], token_ids=sequences[0])
+
+    def _interleaved_image(self, prefix, batch, num_inference_steps, guidance_scale, generator, callback):
+        """Denoise one image per row after `prefix`; guidance against `<|bos|><|boi|>` in a prefix of its own."""
+        timesteps = self._start_sampling(guidance_scale, num_inference_steps)
+        prefixes = [prefix]
+        if self.do_classifier_free_guidance:
+            ids, mask = self.encode_prompt([""] * batch, None, do_cfg=False)
+            prefixes.append(self.prefill(ids, mask))
+        latents = self.prepare_latents(batch, self.transformer.dtype, generator)
+        return self.denoise(prefixes, latents, timesteps, generator, callback)
+
+    # -- one folder for transformers and diffusers ------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loader (variant=, a per-component torch_dtype dict, device_map, … all as diffusers documents).
+
+        A saved folder carries its code for users who cannot import this package, and diffusers then runs that code
+        (pipeline and model) and asks for `trust_remote_code`. A local folder whose code files are byte-identical to
+        this package's runs nothing foreign, so that trust is given here; a local folder with other code is refused
+        with the files named (refresh them, or pass trust_remote_code=True to run the folder's own code)."""
+        if "trust_remote_code" not in kwargs and Path(str(pretrained_model_name_or_path)).is_dir():
+            stale = _stale_code_files(pretrained_model_name_or_path)
+            if stale:
+                raise ValueError(
+                    f"The code files {stale} in {pretrained_model_name_or_path} differ from this package's. Refresh them "
+                    f"(python -m conversion.export_pipeline --refresh-code {pretrained_model_name_or_path}) or pass "
+                    "trust_remote_code=True to run the folder's own code."
+                )
+            kwargs["trust_remote_code"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Save a folder that loads with `TransfusionPipeline.from_pretrained`, with
+        `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` and (model and processor) with
+        `AutoModelForCausalLM/AutoProcessor.from_pretrained(dir + "/transformer", trust_remote_code=True)`."""
+        if getattr(self.transformer, "_hf_peft_config_loaded", False):
+            raise ValueError(
+                "A LoRA adapter is loaded: saving now would write its layers under prefixed keys that reload as fresh "
+                "weights. Call pipe.fuse_lora() then pipe.unload_lora_weights() first (or unload it without fusing)."
+            )
+        super().save_pretrained(save_directory, **kwargs)
+        root = Path(save_directory)
+        self.processor.save_pretrained(root / MODEL_SUBFOLDER)  # AutoProcessor works on the model folder
+        save_code(root)
+        # diffusers records the classes' import paths; the folder's own code files are what loads them
+        import json
+
+        index_path = root / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = ["pipeline_transfusion", "TransfusionPipeline"]
+        index[MODEL_SUBFOLDER] = ["modeling_transfusion", "TransfusionForCausalLM"]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _conditional_rows(prefixes: list[Prefix], batch: int) -> list[Prefix]:
+    """Guidance ended: keep the B conditional rows (the first prefix, or the first B rows of a doubled one)."""
+    if len(prefixes) > 1:
+        return prefixes[:1]
+    prefix = prefixes[0]
+    prefix.cache.batch_select_indices(torch.arange(batch, device=prefix.mask.device))
+    return [Prefix(prefix.cache, prefix.mask[:batch])]
+
+
+def _stale_code_files(folder) -> list[str]:
+    """The shipped code files that are missing from a saved folder or differ from this package's sources."""
+    folder, stale = Path(str(folder)), []
+    for target in (folder, folder / MODEL_SUBFOLDER):
+        for source in shipped_code_files():
+            copy = target / source.name
+            if not copy.is_file() or copy.read_bytes() != source.read_bytes():
+                stale.append(str(copy.relative_to(folder)))
+    return stale
+
+
+__all__ = ["TransfusionPipeline", "TransfusionPipelineOutput", "InterleavedOutput", "save_code", "shipped_code_files"]
