@@ -17,7 +17,8 @@ Rows (DESIGN §1, §5)
   at an offset drawn with the example (only a window that reaches the end keeps the ``<|eos|>``).
 
 Images travel as precomputed, scaled VAE latents (:func:`load_or_encode_latents`), so training never runs the VAE
-encoder; the processor lays out the tokens and the collator hands the latents to the model as ``image_latents``.
+encoder; the processor lays out the tokens, pads and writes the labels (its latent path: ``images_as_latents=True``), and
+the collator hands the latents on as ``image_latents``.
 
 Micro-batches
 -------------
@@ -291,9 +292,6 @@ class TransfusionCollator:
         if max_text_tokens < 2:
             raise ValueError(f"max_text_tokens={max_text_tokens}; need at least 2 (<|bos|> and one token)")
         self.processor, self.max_text_tokens, self.split_text = processor, max_text_tokens, split_text
-        self.pad_id = processor.special_ids["pad"]
-        # The processor only needs an image's size to lay out its slots; the pixels come from the latent cache.
-        self.placeholder = torch.zeros(3, processor.image_size, processor.image_size)
 
     def rows(self, examples: list[dict]) -> list[list]:
         rows = []
@@ -301,44 +299,39 @@ class TransfusionCollator:
             if ex["kind"] not in KINDS:
                 raise ValueError(f"example kind {ex['kind']!r}; expected one of {KINDS}")
             if ex["kind"] == "caption_image":
-                rows.append([ex["text"], self.placeholder])
+                rows.append([ex["text"], ex["latent"]])
             elif ex["kind"] == "image_caption":
-                rows.append([self.placeholder, ex["text"]])
+                rows.append([ex["latent"], ex["text"]])
             else:
                 rows.append([ex["text"]])
         return rows
 
-    def _pad(self, rows: list[tuple[torch.Tensor, torch.Tensor]], latents: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        length = max(len(r) for r, _ in rows)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), -100, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, (r, lab) in enumerate(rows):
-            input_ids[i, : len(r)], labels[i, : len(r)], attention_mask[i, : len(r)] = r, lab, 1
+    def _part(self, rows: list[list[int]], latents: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        input_ids, attention_mask = self.processor.pad(rows, padding_side="right")
+        labels = self.processor.labels(input_ids, attention_mask)  # −100 on image slots, <|eoi|> and padding
         part = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if latents:
             part["image_latents"] = torch.stack(latents).float()  # (N, C, h, w), row-major
         return part
 
     def __call__(self, examples: list[dict]) -> dict:
-        enc = self.processor(self.rows(examples), add_eos=True, return_labels=True)
-        ids, labels, lengths = enc["input_ids"], enc["labels"], enc["attention_mask"].sum(-1).tolist()
-        kept = []  # (ids, labels) of each row without padding, text rows cut to a window
+        enc = self.processor(self.rows(examples), add_eos=True, images_as_latents=True)
+        ids, lengths = enc["input_ids"], enc["attention_mask"].sum(-1).tolist()
+        kept = []  # the token ids of each row without padding, text rows cut to a window
         for i, ex in enumerate(examples):
-            row_ids, row_labels, n = ids[i, : lengths[i]], labels[i, : lengths[i]], lengths[i]
+            row_ids, n = ids[i, : lengths[i]], lengths[i]
             m = self.max_text_tokens
             if ex["kind"] == "text" and n > m:
                 start = 1 + min(int(ex["window"] * (n - m + 1)), n - m)  # position after <|bos|>
-                keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(start, start + m - 1)])
-                row_ids, row_labels = row_ids[keep], row_labels[keep]
-            kept.append((row_ids, row_labels))
+                row_ids = torch.cat([row_ids[:1], row_ids[start : start + m - 1]])
+            kept.append(row_ids.tolist())
         groups = [list(range(len(examples)))]
         if self.split_text:
             text = [i for i, ex in enumerate(examples) if ex["kind"] == "text"]
             image = [i for i, ex in enumerate(examples) if ex["kind"] != "text"]
             groups = [g for g in (text, image) if g]
         parts = [
-            self._pad([kept[i] for i in g], [examples[i]["latent"] for i in g if examples[i]["latent"] is not None])
+            self._part([kept[i] for i in g], [examples[i]["latent"] for i in g if examples[i]["latent"] is not None])
             for g in groups
         ]
         return {"example_index": torch.tensor([ex["index"] for ex in examples], dtype=torch.long), "parts": parts}
