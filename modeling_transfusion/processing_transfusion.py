@@ -47,7 +47,7 @@ def prepare_image(image, image_size: int, background=(0, 0, 0)) -> tuple[PIL.Ima
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
         flat = PIL.Image.new("RGBA", image.size, (*background, 255))
         image = PIL.Image.alpha_composite(flat, image.convert("RGBA"))
-        steps.append("transparency on the background colour")
+        steps.append(f"transparency on {'black' if tuple(background) == (0, 0, 0) else f'rgb{tuple(background)}'}")
     image = image.convert("RGB")
     if image.size != (image_size, image_size):
         if image.width != image.height:
@@ -105,6 +105,10 @@ class TransfusionProcessor(ProcessorMixin):
     def encode_text(self, text: str) -> list[int]:
         """Token ids of plain text; special-token strings in user text are not parsed as special tokens."""
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def prepare_image(self, image) -> tuple[PIL.Image.Image, list[str]]:
+        """A PIL image or uint8 array → the RGB image the model sees, and the steps taken (see `prepare_image`)."""
+        return prepare_image(image, self.image_size, self.background)
 
     def preprocess_image(self, image) -> torch.Tensor:
         """One image → (3, image_size, image_size) float in [−1, 1] (see `prepare_image`). A tensor is taken as

@@ -41,7 +41,6 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
-from PIL import ImageOps
 
 APP_DIR = Path(__file__).resolve().parent
 # In the repository the app sits in space/ beside the `pipelines` package; as a Space, its folder is the root.
@@ -68,8 +67,6 @@ SCHEDULERS = {
     "Euler": (EulerDiscreteScheduler, {}),
 }
 FLOW_SCHEDULERS = {"Euler": (FlowMatchEulerDiscreteScheduler, {})}
-# Training images (Fashion-MNIST, shapes world) have black backgrounds: transparency and padding become black.
-BACKGROUND = (0, 0, 0)
 CSS = """
 #gallery img, #chatbot img, #caption-image img { image-rendering: pixelated; }
 #chatbot .message img { width: 128px; height: 128px; object-fit: contain; }
@@ -191,31 +188,25 @@ def upload_path(file) -> str | None:
     return file.get("path") if isinstance(file, dict) else file
 
 
-def to_model_image(image: PIL.Image.Image, size: int) -> tuple[PIL.Image.Image, str]:
-    """Any PIL image → RGB `size`×`size` (aspect kept, padded), and a note of what was done."""
+def to_model_image(image: PIL.Image.Image, processor) -> tuple[PIL.Image.Image, str]:
+    """Any PIL image → the RGB image the model sees (the processor's EXIF, transparency and aspect-keeping padding),
+    and a note of what was done. 16-bit and float images, which the processor refuses, are stretched to 8 bits first."""
     source = f"{image.width}×{image.height} {image.mode}"
-    image = ImageOps.exif_transpose(image)
     steps = []
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit / float: stretch to 8 bits
         values = np.asarray(image, dtype=np.float64)
         low, high = float(values.min()), float(values.max())
         image = PIL.Image.fromarray(((values - low) / ((high - low) or 1.0) * 255).round().astype(np.uint8), "L")
         steps.append("values rescaled to 8 bits")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
-        image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", image.size, (*BACKGROUND, 255)), image.convert("RGBA"))
-        steps.append("transparency on black")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    if image.size != (size, size):
-        if image.width != image.height:
-            steps.append("padded to a square")
-        image = ImageOps.pad(image, (size, size), method=PIL.Image.Resampling.LANCZOS, color=BACKGROUND)
+    image, processed = processor.prepare_image(image)
+    steps += processed
+    size = processor.image_size
     if source == f"{size}×{size} RGB":
         return image, f"{source}, used as is"
     return image, f"{source} → {size}×{size} RGB" + (f" ({', '.join(steps)})" if steps else "")
 
 
-def read_image(file, size: int) -> tuple[PIL.Image.Image, str]:
+def read_image(file, processor) -> tuple[PIL.Image.Image, str]:
     """An uploaded file → a model-ready image and a note, or a gr.Error saying why it cannot be read."""
     path = upload_path(file)
     if not path:
@@ -231,7 +222,7 @@ def read_image(file, size: int) -> tuple[PIL.Image.Image, str]:
             if max(image.size) > MAX_SIDE:
                 raise gr.Error(f"The image is {image.width}×{image.height} px; the limit is {MAX_SIDE} px per side.")
             image.load()
-            return to_model_image(image, size)
+            return to_model_image(image, processor)
     except gr.Error:
         raise
     except Exception as err:  # a user's file can fail in many ways (truncated, not an image, decompression bomb)
@@ -377,7 +368,7 @@ class TransfusionSpace:
 
     # image → text
     def caption(self, image, prompt, max_new_tokens):
-        picture, note = read_image(image, self.config.image_size)
+        picture, note = read_image(image, self.pipe.processor)
         prompt = check_text(prompt, "Text prefix")
         max_new_tokens = check_number(max_new_tokens, "Max new tokens", 1, MAX_NEW_TOKENS, integer=True)
         self.check_prompt_length(prompt, "The text prefix")
@@ -399,7 +390,7 @@ class TransfusionSpace:
                     items.append(part.get("text", ""))
                 elif isinstance(part, dict) and (part.get("type") == "file" or "path" in part):
                     try:
-                        items.append(read_image(part.get("file", part), self.config.image_size)[0])
+                        items.append(read_image(part.get("file", part), self.pipe.processor)[0])
                     except gr.Error:
                         pass  # an earlier image that is gone or unreadable is left out of the context
         merged = []
@@ -442,7 +433,7 @@ class TransfusionSpace:
         seed = self.seed(seed)
         if not isinstance(history, list):
             raise gr.Error("The chat history must be a list of messages.")
-        pictures = [read_image(f, self.config.image_size)[0] for f in files]
+        pictures = [read_image(f, self.pipe.processor)[0] for f in files]
         budget = self.config.max_position_embeddings - 1 - max_new_tokens - max_images * self.image_cost
         if budget < sum(self.image_cost for _ in pictures) + (self.count_tokens(text) if text else 0):
             raise gr.Error(

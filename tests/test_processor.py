@@ -127,7 +127,7 @@ def test_exif_orientation_is_applied(processor):
 def test_transparency_and_padding_use_the_background(processor):
     clear = PIL.Image.new("RGBA", (32, 16), (255, 255, 255, 0))  # fully transparent white
     image, steps = prepare_image(clear, 32)
-    assert steps == ["transparency on the background colour", "padded to a square"]
+    assert steps == ["transparency on black", "padded to a square"]
     assert np.asarray(image).max() == 0  # black, not white
     white = TransfusionProcessor(tokenizer=processor.tokenizer, image_size=32, image_slots=16, background=(255, 255, 255))
     assert white([clear])["pixel_values"].min() == 1.0

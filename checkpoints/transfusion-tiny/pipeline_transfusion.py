@@ -395,14 +395,17 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
         budget = torch.full((len(rows),), max_new_tokens, device=device)
         seed = None if generator is None else int(torch.randint(2**62, (1,), generator=generator))
         for n_images in range(max_images + 1):
-            banned = [[ids["image"]], [ids["eoi"]]] + ([[ids["boi"]]] if n_images == max_images else [])
+            # no more images: <|boi|> banned, and not a stop token (generate never bans its own stop tokens)
+            last_round = n_images == max_images
+            banned = [[ids["image"]], [ids["eoi"]]] + ([[ids["boi"]]] if last_round else [])
+            stop_ids = [ids["eos"]] if last_round else [ids["eos"], ids["boi"]]
             with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
                 if seed is not None:
                     torch.manual_seed(seed + n_images)
                 out = model.generate(input_ids=sequence, attention_mask=mask, past_key_values=prefix.cache,
                                      max_new_tokens=int(budget[active].max()), do_sample=temperature > 0,
                                      temperature=temperature if temperature > 0 else None,
-                                     eos_token_id=[ids["eos"], ids["boi"]], pad_token_id=ids["pad"],
+                                     eos_token_id=stop_ids, pad_token_id=ids["pad"],
                                      bad_words_ids=banned, return_dict_in_generate=True)  # fmt: skip
             new = out.sequences[:, sequence.shape[1] :]  # (B, n): finished rows are padded after their stop token
             stops = (new == ids["eos"]) | (new == ids["boi"])
