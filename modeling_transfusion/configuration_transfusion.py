@@ -159,8 +159,8 @@ class TransfusionConfig(PreTrainedConfig):
     caption_drop_prob: float = 0.1
 
     def __post_init__(self, **kwargs):
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim is None and isinstance(self.num_attention_heads, int) and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads  # (validated below)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.rope_parameters is None:
@@ -178,6 +178,14 @@ class TransfusionConfig(PreTrainedConfig):
         def fail(field, value, allowed):
             raise ValueError(f"TransfusionConfig.{field}={value!r} is invalid: {allowed}")
 
+        for field in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                      "num_key_value_heads", "head_dim", "max_position_embeddings", "latent_channels", "latent_size"):  # fmt: skip
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(field, value, "must be a positive integer")
+        special_count = 6  # <|bos|> <|eos|> <|pad|> <|boi|> <|eoi|> <|image|>
+        if not isinstance(self.vocab_size, int) or self.vocab_size < special_count:
+            fail("vocab_size", self.vocab_size, f"must be an integer ≥ {special_count} (the special tokens)")
         if self.hidden_size % self.num_attention_heads:
             fail("hidden_size", self.hidden_size, f"must be divisible by num_attention_heads={self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:

@@ -33,6 +33,14 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
+from .checks_transfusion import (
+    check_attention_mask,
+    check_ids,
+    check_image_inputs,
+    check_labels,
+    check_pixels,
+    nonfinite_weights,
+)
 from .configuration_transfusion import TransfusionConfig
 from .patching_transfusion import (
     LinearPatchDecoder,
@@ -314,6 +322,7 @@ class TransfusionPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        _check_local_folder(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
         try:
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except Exception as error:  # a damaged weights file surfaces from deep inside safetensors
@@ -323,6 +332,13 @@ class TransfusionPreTrainedModel(PreTrainedModel):
                 f"A weights file under {pretrained_model_name_or_path} is truncated or corrupted "
                 f"({_damaged_files(pretrained_model_name_or_path) or error}); re-save or re-download the checkpoint"
             ) from error
+        damaged = nonfinite_weights(model)
+        if damaged:
+            raise ValueError(
+                f"The weights loaded from {pretrained_model_name_or_path} hold NaN or infinite values in "
+                f"{', '.join(damaged[:5])}{' …' if len(damaged) > 5 else ''} (files: {_weight_files(pretrained_model_name_or_path, kwargs.get('subfolder', ''))}); "
+                "the checkpoint is damaged: re-save or re-download it"
+            )
         vae = getattr(model, "vae", None)  # TransfusionModel's attribute, TransfusionForCausalLM's property
         if vae is not None:
             vae.requires_grad_(False)  # loading re-wraps tensors as trainable parameters
@@ -374,12 +390,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [−1, 1] → scaled latents (N, C, h, w) (the posterior's mode)."""
-        expected = (self.vae.config.in_channels, self.config.image_size, self.config.image_size)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"pixel_values must have shape (num_images, {expected[0]}, {expected[1]}, {expected[2]}), got "
-                f"{tuple(pixel_values.shape)}; resize images to {expected[1]}×{expected[2]} (the processor does this)"
-            )
+        check_pixels(pixel_values, self.vae.config.in_channels, self.config.image_size)
         vae = self.vae
         latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.mode()
         shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -400,53 +411,6 @@ class TransfusionModel(TransfusionPreTrainedModel):
             return input_ids == token_id
         token = self.embed_tokens(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
         return (inputs_embeds == token).all(-1)
-
-    def _check_image_inputs(self, blocks, image_latents, image_timesteps):
-        c = self.config
-        n_slots = int((blocks >= 0).sum())
-        n_images = n_slots // c.image_slots
-        if n_slots:
-            counts = torch.stack([(blocks == k).sum(-1) for k in range(int(blocks.max()) + 1)])  # (K, B)
-            if ((counts != 0) & (counts != c.image_slots)).any():
-                raise ValueError(
-                    f"Every image must occupy exactly {c.image_slots} consecutive <|image|> slots "
-                    f"(image_token_id={c.image_token_id}); found runs of {sorted(set(counts[counts > 0].tolist()))}"
-                )
-        if image_latents is None:
-            if n_slots:
-                raise ValueError(
-                    f"input_ids hold {n_images} image(s) ({n_slots} <|image|> slots) but no image_latents or "
-                    "pixel_values were given"
-                )
-            return 0
-        expected = (c.latent_channels, c.latent_size, c.latent_size)
-        if image_latents.ndim != 4 or tuple(image_latents.shape[1:]) != expected:
-            raise ValueError(f"image_latents must have shape (num_images, {expected}), got {tuple(image_latents.shape)}")
-        if image_latents.shape[0] != n_images:
-            raise ValueError(
-                f"Number of images ({image_latents.shape[0]}) does not match the image slots in input_ids "
-                f"({n_slots} slots = {n_images} images of {c.image_slots} slots)"
-            )
-        if image_timesteps is not None and image_timesteps.shape != (n_images,):
-            raise ValueError(f"image_timesteps must have shape ({n_images},), got {tuple(image_timesteps.shape)}")
-        return n_images
-
-    def _check_ids(self, input_ids, inputs_embeds):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError(
-                "Pass exactly one of input_ids or inputs_embeds (image slots in inputs_embeds are the positions that "
-                "hold the <|image|> token's embedding)"
-            )
-        if input_ids is None:
-            return
-        if input_ids.is_floating_point() or input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be a 2-D integer tensor (batch, length), got {input_ids.dtype} of shape {tuple(input_ids.shape)}")
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
-            bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)]
-            raise ValueError(
-                f"input_ids contain id(s) {sorted(set(bad.tolist()))[:5]} outside the vocabulary "
-                f"[0, {self.config.vocab_size}); check the tokenizer matches this model"
-            )
 
     def forward(
         self,
@@ -472,7 +436,8 @@ class TransfusionModel(TransfusionPreTrainedModel):
         use_cache = c.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False  # recomputed layers would write the cache twice
-        self._check_ids(input_ids, inputs_embeds)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        check_ids(c, input_ids, inputs_embeds, past_length)
         if pixel_values is not None and image_latents is None:
             image_latents = self.encode_images(pixel_values)
 
@@ -480,8 +445,9 @@ class TransfusionModel(TransfusionPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)  # (B, L, D)
         slots = self.token_positions(c.image_token_id, input_ids, inputs_embeds)  # (B, L)
         blocks = block_ids_from_slots(slots)
-        n_images = self._check_image_inputs(blocks, image_latents, image_timesteps)
+        n_images = check_image_inputs(c, blocks, image_latents, image_timesteps)
         batch, length = inputs_embeds.shape[:2]
+        check_attention_mask(attention_mask, batch, past_length + length)
         device = inputs_embeds.device
         temb = skips = None
         if n_images:
@@ -493,7 +459,6 @@ class TransfusionModel(TransfusionPreTrainedModel):
 
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if attention_mask is None:
             attention_mask = torch.ones(batch, past_length + length, dtype=torch.long, device=device)
         if position_ids is None:
@@ -665,11 +630,8 @@ class TransfusionForCausalLM(TransfusionPreTrainedModel, GenerationMixin):
         `<|eoi|>` closing an image (appended, not predicted), nor on padding: `text_positions` (B, L) marks the
         positions that may be targets."""
         length = text_positions.shape[1]
-        if (labels is not None and labels.shape != text_positions.shape) or (
-            shift_labels is not None and shift_labels.shape != text_positions.shape
-        ):
-            got = tuple((labels if labels is not None else shift_labels).shape)
-            raise ValueError(f"labels must have the shape of input_ids {tuple(text_positions.shape)}, got {got}")
+        check_labels(self.config, "labels", labels, text_positions.shape)
+        check_labels(self.config, "shift_labels", shift_labels, text_positions.shape)
         if logits.shape[1] != length:
             raise ValueError(
                 f"labels need logits at all {length} positions, got {logits.shape[1]}: call with logits_to_keep=0"
@@ -706,6 +668,28 @@ class TransfusionForCausalLM(TransfusionPreTrainedModel, GenerationMixin):
         if prefill or (step_ids is not None and (step_ids == self.config.image_token_id).any()):
             model_inputs.update(image_latents=image_latents, pixel_values=pixel_values, image_timesteps=image_timesteps)
         return model_inputs
+
+
+def _check_local_folder(name_or_path, subfolder: str = "") -> None:
+    """A path that names a local folder must be one with a config.json; a Hub repo id passes through."""
+    from pathlib import Path
+
+    text = str(name_or_path)
+    path = Path(text) / subfolder if subfolder else Path(text)
+    local = Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    if not local:
+        return
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder: pass a saved model folder (with config.json) or a Hub repo id")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: it is not a saved model folder")
+
+
+def _weight_files(folder, subfolder: str = "") -> str:
+    from pathlib import Path
+
+    path = Path(str(folder)) / subfolder
+    return ", ".join(sorted(p.name for p in path.glob("*.safetensors"))) if path.is_dir() else str(folder)
 
 
 def _damaged_files(folder) -> str:

@@ -214,6 +214,6 @@ def test_text_perplexity_matches_the_models_lm_loss(tokenizer):
     c = model.config
     ids = torch.tensor([[c.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"], c.eos_token_id]])
     with torch.no_grad():
-        lm_loss = model(input_ids=ids, labels=ids).lm_loss
+        lm_loss = model(input_ids=ids, labels=ids).loss
     assert result["tokens"] == ids.shape[1] - 1
     assert result["perplexity"] == pytest.approx(math.exp(float(lm_loss)), rel=1e-5)

@@ -101,7 +101,7 @@ def test_lm_loss_is_transformers_loss_function_with_shift_labels_and_num_items(m
     n = int((targets != -100).sum())
     summed = model(input_ids=ids, image_latents=latents, labels=ids, num_items_in_batch=2 * n).loss
     torch.testing.assert_close(summed, expected / 2)  # sum / num_items_in_batch
-    with pytest.raises(ValueError, match=r"labels must have the shape of input_ids \(1, 23\), got \(1, 5\)"):
+    with pytest.raises(ValueError, match=r"labels must be an integer tensor of the shape of input_ids \(1, 23\), got torch.int64 \(1, 5\)"):
         model(input_ids=ids, image_latents=latents, labels=ids[:, :5])
 
 
@@ -117,14 +117,12 @@ def test_forward_with_clean_images_and_labels_is_deterministic():
 
 
 def test_dynamic_ntk_rope_rescales_beyond_the_trained_length():
-    config = TransfusionConfig.from_preset("tiny", max_position_embeddings=16)
-    torch.manual_seed(0)
-    plain = TransfusionForCausalLM(config).eval()
-    dynamic_config = TransfusionConfig.from_preset(
-        "tiny", max_position_embeddings=16, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
-    )
-    dynamic = TransfusionForCausalLM(dynamic_config).eval()
-    dynamic.load_state_dict(plain.state_dict())
+    def build(**overrides):
+        torch.manual_seed(0)
+        return TransfusionForCausalLM(TransfusionConfig.from_preset("tiny", **overrides)).eval()
+
+    dynamic = build(max_position_embeddings=16, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    plain = build(max_position_embeddings=64)  # the same weights and, within 16 positions, the same frequencies
     short, long = torch.randint(6, 300, (1, 12)), torch.randint(6, 300, (1, 40))
     torch.testing.assert_close(dynamic(input_ids=short).logits, plain(input_ids=short).logits)  # within: unchanged
     assert not torch.allclose(dynamic(input_ids=long).logits, plain(input_ids=long).logits)  # beyond: rescaled
@@ -132,6 +130,8 @@ def test_dynamic_ntk_rope_rescales_beyond_the_trained_length():
     assert rotary.max_seq_len_cached == 40 and not torch.equal(rotary.inv_freq, rotary.original_inv_freq)
     dynamic(input_ids=short)  # back within the trained length: the original frequencies return
     torch.testing.assert_close(rotary.inv_freq, rotary.original_inv_freq)
+    with pytest.raises(ValueError, match=r"40 tokens long .* max_position_embeddings=16"):
+        build(max_position_embeddings=16)(input_ids=long)  # plain RoPE past its positions: refused, not silent
 
 
 def test_text_generation_config_stops_at_eos_and_boi():

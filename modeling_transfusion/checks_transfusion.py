@@ -1,0 +1,140 @@
+"""Input checks of the Transfusion model: every bad input is refused here with a message that names the argument and
+what is allowed, before it can fail deep inside torch or pass silently as NaN.
+
+Shape legend as in modeling_transfusion.py (B batch, L tokens in this call, N images, C×h×w latents).
+"""
+
+import torch
+
+from .configuration_transfusion import TransfusionConfig
+
+
+def _shape(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def check_ids(config: TransfusionConfig, input_ids, inputs_embeds, past_length: int) -> None:
+    """Exactly one of input_ids (B, L) integers in the vocabulary, or inputs_embeds (B, L, D); L ≥ 1."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError(
+            "Pass exactly one of input_ids or inputs_embeds (image slots in inputs_embeds are the positions that "
+            "hold the <|image|> token's embedding)"
+        )
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.ndim != 2:
+            dtype = getattr(input_ids, "dtype", type(input_ids).__name__)
+            raise ValueError(
+                f"input_ids must be a 2-D integer tensor (batch, length), got {dtype} of shape {_shape(input_ids)}; "
+                "the processor returns one"
+            )
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= config.vocab_size):
+            bad = input_ids[(input_ids < 0) | (input_ids >= config.vocab_size)]
+            raise ValueError(
+                f"input_ids contain id(s) {sorted(set(bad.tolist()))[:5]} outside the vocabulary "
+                f"[0, {config.vocab_size}); check the tokenizer matches this model"
+            )
+        shape = tuple(input_ids.shape)
+    else:
+        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"inputs_embeds must be a (batch, length, {config.hidden_size}) tensor, got {_shape(inputs_embeds)}"
+            )
+        shape = tuple(inputs_embeds.shape[:2])
+    if 0 in shape:
+        raise ValueError(f"input_ids / inputs_embeds are empty (shape {shape}): every row needs at least one token")
+    end = past_length + shape[1]
+    if end > config.max_position_embeddings and config.rope_parameters.get("rope_type", "default") == "default":
+        raise ValueError(
+            f"The sequence is {end} tokens long ({past_length} cached + {shape[1]} new) but this model has "
+            f"max_position_embeddings={config.max_position_embeddings}; shorten the prompt (or use a RoPE scaling "
+            "type in config.rope_parameters)"
+        )
+
+
+def check_attention_mask(attention_mask, batch: int, total: int) -> None:
+    """(B, past + L) of 0/1."""
+    if attention_mask is None:
+        return
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2 or tuple(attention_mask.shape) != (batch, total):
+        raise ValueError(
+            f"attention_mask must have shape (batch, cached + new tokens) = ({batch}, {total}), got {_shape(attention_mask)}"
+        )
+
+
+def check_image_inputs(config: TransfusionConfig, blocks, image_latents, image_timesteps) -> int:
+    """The images fill the `<|image|>` slots exactly: N × image_slots slots, latents (N, C, h, w) finite, timesteps (N,)
+    in [0, num_train_timesteps]. Returns N."""
+    c = config
+    n_slots = int((blocks >= 0).sum())
+    n_images = n_slots // c.image_slots
+    if n_slots:
+        counts = torch.stack([(blocks == k).sum(-1) for k in range(int(blocks.max()) + 1)])  # (K, B)
+        if ((counts != 0) & (counts != c.image_slots)).any():
+            raise ValueError(
+                f"Every image must occupy exactly {c.image_slots} consecutive <|image|> slots "
+                f"(image_token_id={c.image_token_id}); found runs of {sorted(set(counts[counts > 0].tolist()))}"
+            )
+    if image_latents is None:
+        if n_slots:
+            raise ValueError(
+                f"input_ids hold {n_images} image(s) ({n_slots} <|image|> slots) but no image_latents or "
+                "pixel_values were given"
+            )
+        return 0
+    expected = (c.latent_channels, c.latent_size, c.latent_size)
+    if not isinstance(image_latents, torch.Tensor) or image_latents.ndim != 4 or tuple(image_latents.shape[1:]) != expected:
+        raise ValueError(f"image_latents must have shape (num_images, {expected}) (a tensor), got {_shape(image_latents)}")
+    if image_latents.shape[0] != n_images:
+        raise ValueError(
+            f"Number of images ({image_latents.shape[0]}) does not match the image slots in input_ids "
+            f"({n_slots} slots = {n_images} images of {c.image_slots} slots)"
+        )
+    if not torch.isfinite(image_latents).all():
+        raise ValueError("image_latents contain NaN or infinite values")
+    if image_timesteps is not None:
+        if not isinstance(image_timesteps, torch.Tensor) or tuple(image_timesteps.shape) != (n_images,):
+            raise ValueError(f"image_timesteps must have shape ({n_images},), got {_shape(image_timesteps)}")
+        t = image_timesteps.float()
+        if not torch.isfinite(t).all() or (t < 0).any() or (t > c.num_train_timesteps).any():
+            raise ValueError(f"image_timesteps must lie in [0, {c.num_train_timesteps}], got {image_timesteps.tolist()}")
+    return n_images
+
+
+def check_pixels(pixel_values, channels: int, size: int) -> None:
+    """(N, channels, size, size) finite, in [−1, 1] (a little float slack)."""
+    expected = (channels, size, size)
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+        raise ValueError(
+            f"pixel_values must have shape (num_images, {channels}, {size}, {size}), got {_shape(pixel_values)}; "
+            f"resize images to {size}×{size} (the processor does this)"
+        )
+    if not torch.isfinite(pixel_values).all():
+        raise ValueError("pixel_values contain NaN or infinite values")
+    low, high = float(pixel_values.min()), float(pixel_values.max())
+    if low < -1.001 or high > 1.001:
+        raise ValueError(
+            f"pixel_values must lie in [-1, 1] (the processor maps uint8 images there), got values in [{low:.3g}, {high:.3g}]"
+        )
+
+
+def check_labels(config: TransfusionConfig, name: str, labels, shape: tuple) -> None:
+    """(B, L) integers: −100 (no loss) or ids in the vocabulary."""
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or tuple(labels.shape) != tuple(shape):
+        dtype = getattr(labels, "dtype", type(labels).__name__)
+        raise ValueError(f"{name} must be an integer tensor of the shape of input_ids {tuple(shape)}, got {dtype} {_shape(labels)}")
+    bad = labels[(labels != -100) & ((labels < 0) | (labels >= config.vocab_size))]
+    if bad.numel():
+        raise ValueError(
+            f"{name} hold {sorted(set(bad.tolist()))[:5]}: each must be -100 (no loss) or a token id in [0, {config.vocab_size})"
+        )
+
+
+def nonfinite_weights(model: torch.nn.Module) -> list[str]:
+    """Names of parameters and buffers that hold NaN or infinite values (a damaged weights file)."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return [name for name, t in tensors if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all()]
+
+
+__all__ = ["check_ids", "check_attention_mask", "check_image_inputs", "check_pixels", "check_labels", "nonfinite_weights"]
