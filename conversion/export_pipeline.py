@@ -38,8 +38,6 @@ next-token prediction on text and diffusion on VAE latents, so the same weights 
 caption them. The folder holds the `transformers` model (`transformer/`, with the VAE inside it), the diffusers
 scheduler, the tokenizer and the code to load them.
 
-{description}
-
 | | |
 |---|---|
 | Parameters | {parameters} transformer + {vae_parameters} VAE |
@@ -47,6 +45,8 @@ scheduler, the tokenizer and the code to load them.
 | Images | {image_size}×{image_size} px → {latent_channels}×{latent_size}×{latent_size} latents, {patch}×{patch} patches ({slots} slots per image), {encoder} patch encoder |
 | Diffusion | {diffusion} ({prediction}), λ = {weight}; sampling scheduler `{scheduler}` |
 {base_row}
+{description}
+
 ## Use
 
 ```python
@@ -165,7 +165,7 @@ def model_card(pipe, repo_id: str | None = None, base_model: str | None = None, 
         + (f" ({pipe.scheduler.config['algorithm_type']})" if "algorithm_type" in pipe.scheduler.config else ""),
         base_row=f"| Text initialised from | {base_model} |\n" if base_model else "",
         repo=repo_id or "path/to/this/folder",
-        prompt="a red circle to the left of a blue square",
+        prompt="a blue circle to the left of a yellow triangle",  # drawn right at seed 0 (the card says which is not)
     )
     return ModelCard(text)
 
