@@ -13,8 +13,9 @@ def _shape(x) -> str:
     return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def check_ids(config: TransfusionConfig, input_ids, inputs_embeds, past_length: int) -> None:
-    """Exactly one of input_ids (B, L) integers in the vocabulary, or inputs_embeds (B, L, D); L ≥ 1."""
+def check_ids(config: TransfusionConfig, input_ids, inputs_embeds) -> None:
+    """Exactly one of input_ids (B, L) integers in the vocabulary, or inputs_embeds (B, L, D); L ≥ 1. (Sequences past
+    max_position_embeddings run, as in transformers' models; the pipeline and processor refuse prompts that long.)"""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError(
             "Pass exactly one of input_ids or inputs_embeds (image slots in inputs_embeds are the positions that "
@@ -42,13 +43,6 @@ def check_ids(config: TransfusionConfig, input_ids, inputs_embeds, past_length: 
         shape = tuple(inputs_embeds.shape[:2])
     if 0 in shape:
         raise ValueError(f"input_ids / inputs_embeds are empty (shape {shape}): every row needs at least one token")
-    end = past_length + shape[1]
-    if end > config.max_position_embeddings and config.rope_parameters.get("rope_type", "default") == "default":
-        raise ValueError(
-            f"The sequence is {end} tokens long ({past_length} cached + {shape[1]} new) but this model has "
-            f"max_position_embeddings={config.max_position_embeddings}; shorten the prompt (or use a RoPE scaling "
-            "type in config.rope_parameters)"
-        )
 
 
 def check_attention_mask(attention_mask, batch: int, total: int) -> None:

@@ -332,14 +332,15 @@ class TransfusionPreTrainedModel(PreTrainedModel):
                 f"A weights file under {pretrained_model_name_or_path} is truncated or corrupted "
                 f"({_damaged_files(pretrained_model_name_or_path) or error}); re-save or re-download the checkpoint"
             ) from error
-        damaged = nonfinite_weights(model)
+        loaded = model[0] if isinstance(model, tuple) else model  # (model, loading info) with output_loading_info
+        damaged = nonfinite_weights(loaded)
         if damaged:
             raise ValueError(
                 f"The weights loaded from {pretrained_model_name_or_path} hold NaN or infinite values in "
                 f"{', '.join(damaged[:5])}{' …' if len(damaged) > 5 else ''} (files: {_weight_files(pretrained_model_name_or_path, kwargs.get('subfolder', ''))}); "
                 "the checkpoint is damaged: re-save or re-download it"
             )
-        vae = getattr(model, "vae", None)  # TransfusionModel's attribute, TransfusionForCausalLM's property
+        vae = getattr(loaded, "vae", None)  # TransfusionModel's attribute, TransfusionForCausalLM's property
         if vae is not None:
             vae.requires_grad_(False)  # loading re-wraps tensors as trainable parameters
         return model
@@ -437,7 +438,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
         if self.gradient_checkpointing and self.training:
             use_cache = False  # recomputed layers would write the cache twice
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        check_ids(c, input_ids, inputs_embeds, past_length)
+        check_ids(c, input_ids, inputs_embeds)
         if pixel_values is not None and image_latents is None:
             image_latents = self.encode_images(pixel_values)
 

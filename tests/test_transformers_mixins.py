@@ -208,6 +208,15 @@ class _TransfusionMixinCase:
             patcher = mock.patch.dict(names, {TransfusionConfig.model_type: class_name})
             patcher.start()
             cls.addClassCleanup(patcher.stop)
+        # Random ids drawn by the mixins themselves (e.g. the RoPE-scaling tests) keep off the special ids, as
+        # in-tree vision-language testers keep their image token out of random text: an <|image|> id is an image
+        # slot, and slots without their latents are refused with a clear error.
+        draw = _common.ids_tensor
+        patcher = mock.patch.object(
+            _common, "ids_tensor", lambda shape, vocab_size, **kw: draw(shape, vocab_size - FIRST_TEXT_ID, **kw) + FIRST_TEXT_ID
+        )
+        patcher.start()
+        cls.addClassCleanup(patcher.stop)
 
     def setUp(self):
         self.model_tester = TransfusionModelTester(self, batch_size=self.batch_size, with_images=self.with_images)
