@@ -34,11 +34,8 @@ class TransfusionLoraLoaderMixin(LoraBaseMixin):
         if adapter_name is None:
             raise ValueError(f"An adapter is loaded already ({sorted(model.peft_config)}): pass adapter_name= for this one")
         if not getattr(model, "_hf_peft_config_loaded", False):
-            # transformers 5.23's load_adapter replaces the model's record of how its weight names were converted
-            # at load time with the adapter's renamings; a later save_pretrained then writes `base_model.model.`
-            # keys. Remember the model's own record (and trainable flags) to put back when the LoRA goes.
-            self._lora_base_state = (vars(model).get("_weight_conversions", _MISSING),
-                                     {n: p.requires_grad for n, p in model.named_parameters()})  # fmt: skip
+            # PEFT freezes the base weights when it injects an adapter; they are trainable again once it goes
+            self._lora_trainable = {n: p.requires_grad for n, p in model.named_parameters()}
         model.load_adapter(str(folder), adapter_name=adapter_name, **kwargs)
         model.set_adapter(adapter_name)
 
@@ -57,9 +54,8 @@ class TransfusionLoraLoaderMixin(LoraBaseMixin):
     def unload_lora_weights(self) -> None:
         """Remove every LoRA adapter (diffusers' unload). Un-fused adapters are simply gone; fused ones stay in the
         weights. Two things diffusers' text-encoder path does not do: PEFT `modules_to_save` copies (the fine-tuned
-        patch modules) are replaced by the trained copy when fused and by the original otherwise, and the model's
-        weight-name record and trainable flags from before `load_lora_weights` come back, so `save_pretrained`
-        writes plain keys."""
+        patch modules) are replaced by the trained copy when fused and by the original otherwise, and the weights
+        PEFT froze are as trainable as they were before `load_lora_weights`."""
         from peft.utils.other import AuxiliaryTrainingWrapper
 
         model = self.transformer
@@ -72,18 +68,11 @@ class TransfusionLoraLoaderMixin(LoraBaseMixin):
                 setattr(model.get_submodule(parent), child, replacement)
         super().unload_lora_weights()
         model._hf_peft_config_loaded = False
-        conversions, trainable = getattr(self, "_lora_base_state", None) or (_MISSING, {})
-        if conversions is _MISSING:
-            vars(model).pop("_weight_conversions", None)
-        else:
-            model._weight_conversions = conversions
+        trainable = getattr(self, "_lora_trainable", None) or {}
         for name, param in model.named_parameters():
             param.requires_grad_(trainable.get(name, param.requires_grad))
-        self._lora_base_state = None
+        self._lora_trainable = None
         self._merged_adapters = set()
-
-
-_MISSING = object()  # the model had no `_weight_conversions` (built in memory, not loaded)
 
 
 def _adapter_folder(name_or_path, kwargs: dict) -> Path:

@@ -345,6 +345,19 @@ class TransfusionPreTrainedModel(PreTrainedModel):
             vae.requires_grad_(False)  # loading re-wraps tensors as trainable parameters
         return model
 
+    def load_adapter(self, *args, **kwargs):
+        """transformers' `load_adapter`, keeping the model's own record of how its weight names were converted at
+        load time: transformers 5.23 replaces it with the adapter's renamings (`base_model.model.…`), so a later
+        `save_pretrained` (after merging the adapter) would write every key under that prefix and reload as fresh
+        weights."""
+        own = vars(self).get("_weight_conversions", _NO_RECORD)
+        result = super().load_adapter(*args, **kwargs)
+        if own is _NO_RECORD:
+            vars(self).pop("_weight_conversions", None)
+        else:
+            self._weight_conversions = own
+        return result
+
     @staticmethod
     def _mark_torch_init(root: nn.Module) -> None:
         for m in root.modules():
@@ -669,6 +682,9 @@ class TransfusionForCausalLM(TransfusionPreTrainedModel, GenerationMixin):
         if prefill or (step_ids is not None and (step_ids == self.config.image_token_id).any()):
             model_inputs.update(image_latents=image_latents, pixel_values=pixel_values, image_timesteps=image_timesteps)
         return model_inputs
+
+
+_NO_RECORD = object()  # a model built in memory has no `_weight_conversions`
 
 
 def _check_local_folder(name_or_path, subfolder: str = "") -> None:
