@@ -217,3 +217,18 @@ def test_text_perplexity_matches_the_models_lm_loss(tokenizer):
         lm_loss = model(input_ids=ids, labels=ids).loss
     assert result["tokens"] == ids.shape[1] - 1
     assert result["perplexity"] == pytest.approx(math.exp(float(lm_loss)), rel=1e-5)
+
+
+def test_evaluation_samples_at_the_pipelines_own_default_step_count(tokenizer):
+    from conftest import tiny_model
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from modeling_transfusion import TransfusionPipeline
+    from training.evaluate import default_steps
+
+    model = tiny_model()
+    config = model.config.scheduler_config()
+    saved = TransfusionPipeline(model, DDIMScheduler.from_config(config), tokenizer, default_inference_steps=7)
+    assert default_steps(saved) == 7
+    assert default_steps(TransfusionPipeline(model, DDIMScheduler.from_config(config), tokenizer)) == 25
+    assert default_steps(TransfusionPipeline(model, DDPMScheduler.from_config(config), tokenizer)) == 250

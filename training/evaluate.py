@@ -227,8 +227,9 @@ def scheduler_variant(scheduler) -> str | None:
 
 
 def default_steps(pipe) -> int:
-    """The scheduler config's `default_inference_steps` if set, else the paper's 250 for DDPM and 25 otherwise."""
-    steps = pipe.scheduler.config.get("default_inference_steps")
+    """The pipeline's saved `default_inference_steps` (what `pipe(...)` uses), else the paper's 250 for DDPM and 25
+    otherwise."""
+    steps = pipe.config.get("default_inference_steps")
     if steps:
         return int(steps)
     return 250 if type(pipe.scheduler).__name__ == "DDPMScheduler" else 25
