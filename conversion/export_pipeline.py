@@ -234,7 +234,7 @@ def main(argv=None):
         pipe = TransfusionPipeline(transformer=model, scheduler=make_scheduler(model, current=scheduler), tokenizer=tokenizer)
         pipe.load_lora_weights(args.lora)
         pipe.fuse_lora()
-        pipe.unload_lora_weights()  # DESIGN §8: fused weights, plain keys
+        pipe.unload_lora_weights()  # the fused weights stay, saved under plain keys
     description = Path(args.description[1:]).read_text() if args.description.startswith("@") else args.description
     out = save_pipeline(model, tokenizer, args.output, make_scheduler(model, args.scheduler, scheduler, args.scheduler_config),
                         args.push_to_hub, args.base_model, description)  # fmt: skip

@@ -135,7 +135,7 @@ def test_pipeline_load_fuse_unload(tokenizer, adapter_dir, tmp_path):
     assert_same(run(pipe.transformer), expected, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(sample(pipe), adapted_sample, atol=1e-4, rtol=1e-4)
 
-    # saved after fuse + unload: plain keys, and the reload computes the fused model (DESIGN §8)
+    # saved after fuse + unload: plain keys, and the reload computes the fused model
     pipe.save_pretrained(tmp_path / "fused")
     reloaded = TransfusionPipeline.from_pretrained(tmp_path / "fused")
     assert_same(run(reloaded.transformer), expected, atol=2e-5, rtol=1e-5)

@@ -1,5 +1,5 @@
-"""The evaluation suite: one command scores a Transfusion checkpoint on every task of DESIGN §6 and writes JSON + a
-markdown table.
+"""The evaluation suite: one command scores a Transfusion checkpoint on every task (text→image on Fashion-MNIST and
+the shapes world, image→text, text perplexity) and writes JSON + a markdown table.
 
     python -m training.evaluate --model checkpoints/transfusion-tiny --out results/transfusion-tiny.json
     python -m training.evaluate --model runs/ablation-causal/final --tasks fashion,shapes --scheduler ddim --steps 25
