@@ -81,6 +81,7 @@ PRESETS: dict[str, dict] = {
 PATCH_ENCODERS = ("linear", "unet")
 IMAGE_ATTENTION = ("bidirectional", "causal")
 DIFFUSION_TYPES = ("ddpm", "flow_matching")
+MODALITY_EXPERTS = ("shared", "mot")
 PREDICTION_TYPES = {"ddpm": ("epsilon", "v_prediction", "sample"), "flow_matching": ("flow",)}
 
 
@@ -99,6 +100,9 @@ class TransfusionConfig(PreTrainedConfig):
     or `"unet"` (diffusers ResNet down/up blocks conditioned on the timestep, channels `unet_block_out_channels`,
     one level per factor 2 of the patch size). `timestep_embed_dim` is the sinusoid's width. `image_attention`:
     `"bidirectional"` among the slots of one image (the paper's) or `"causal"` (the paper's ablation).
+    `modality_experts`: `"shared"` (one set of weights for every position, the paper's) or `"mot"`
+    (Mixture-of-Transformers, arXiv 2411.04996: each decoder layer and the final norm hold image copies of the
+    attention projections, MLP and norms, used at the image slots; attention stays global).
 
     Diffusion: `diffusion_type` `"ddpm"` (the paper's; `prediction_type` epsilon|v_prediction|sample,
     `beta_schedule` default `squaredcos_cap_v2`, the cosine schedule) or `"flow_matching"` (`prediction_type`
@@ -148,6 +152,7 @@ class TransfusionConfig(PreTrainedConfig):
     unet_norm_groups: int = 32
     timestep_embed_dim: int = 256
     image_attention: str = "bidirectional"
+    modality_experts: str = "shared"
     vae_config: dict | None = None
     # Diffusion
     diffusion_type: str = "ddpm"
@@ -212,6 +217,8 @@ class TransfusionConfig(PreTrainedConfig):
             bad = [c for c in self.unet_block_out_channels if c % self.unet_norm_groups]
             if bad:
                 fail("unet_block_out_channels", bad, f"each must be divisible by unet_norm_groups={self.unet_norm_groups}")
+        if self.modality_experts not in MODALITY_EXPERTS:
+            fail("modality_experts", self.modality_experts, f"allowed: {MODALITY_EXPERTS}")
         if self.image_attention not in IMAGE_ATTENTION:
             fail("image_attention", self.image_attention, f"allowed: {IMAGE_ATTENTION}")
         if self.diffusion_type not in DIFFUSION_TYPES:

@@ -177,9 +177,41 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return output, weights
 
 
-class TransfusionAttention(nn.Module):
-    def __init__(self, config: TransfusionConfig, layer_idx: int):
+def by_modality(x: torch.Tensor, image: torch.Tensor | None, text_fn, image_fn=None) -> torch.Tensor:
+    """`text_fn` on the text positions of x (B, L, ·), `image_fn` on its image positions (`image`: (B, L) bool).
+
+    The routing of modality-specific weights (Mixture-of-Transformers): each position runs through one function only,
+    and a call without image positions (text, a decoding step) or without image weights (a dense model) costs what
+    `text_fn(x)` costs."""
+    if image_fn is None or image is None or not image.any():
+        return text_fn(x)
+    if image.all():  # a denoising step: only image slots
+        return image_fn(x)
+    text_out, image_out = text_fn(x[~image]), image_fn(x[image])  # (T, ·), (I, ·)
+    out = text_out.new_empty(*image.shape, text_out.shape[-1])
+    out[~image], out[image] = text_out, image_out.to(text_out.dtype)
+    return out
+
+
+class TransfusionAttentionProjections(nn.Module):
+    """q/k/v/o projections: the text path's live in `TransfusionAttention` itself (canonical names), the image experts'
+    of a Mixture-of-Transformers layer in one of these (`image_self_attn`)."""
+
+    def __init__(self, config: TransfusionConfig):
         super().__init__()
+        d, bias = config.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * d, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * d, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * d, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * d, config.hidden_size, bias=bias)
+
+
+class TransfusionAttention(TransfusionAttentionProjections):
+    """Self-attention over the whole sequence, computed once; with `image_projections` the image positions are
+    projected by those weights (modality experts) and the text positions by this module's own."""
+
+    def __init__(self, config: TransfusionConfig, layer_idx: int):
+        super().__init__(config)
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
@@ -187,18 +219,27 @@ class TransfusionAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, output_attentions=False):
+    def forward(
+        self,
+        hidden_states,
+        position_embeddings,
+        attention_mask,
+        past_key_values=None,
+        output_attentions=False,
+        image_positions=None,
+        image_projections: TransfusionAttentionProjections | None = None,
+    ):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, L, d)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, L, d)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        experts = image_projections
+
+        def project(name, x):
+            return by_modality(x, image_positions, getattr(self, name), experts and getattr(experts, name))
+
+        query = project("q_proj", hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, L, d)
+        key = project("k_proj", hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, L, d)
+        value = project("v_proj", hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if past_key_values is not None:
@@ -215,7 +256,7 @@ class TransfusionAttention(nn.Module):
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
         )
-        output = self.o_proj(output.reshape(*input_shape, -1).contiguous())
+        output = project("o_proj", output.reshape(*input_shape, -1).contiguous())
         return output, weights
 
 
@@ -232,22 +273,52 @@ class TransfusionMLP(nn.Module):
 
 
 class TransfusionDecoderLayer(GradientCheckpointingLayer):
+    """A Llama block. With `config.modality_experts == "mot"` (Mixture-of-Transformers) it also holds image experts —
+    `image_self_attn` (q/k/v/o), `image_mlp`, `image_input_layernorm`, `image_post_attention_layernorm` — that the
+    image slots use instead of the text weights; attention stays global over the whole sequence."""
+
     def __init__(self, config: TransfusionConfig, layer_idx: int):
         super().__init__()
         self.self_attn = TransfusionAttention(config, layer_idx)
         self.mlp = TransfusionMLP(config)
         self.input_layernorm = TransfusionRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = TransfusionRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.has_image_experts = config.modality_experts == "mot"
+        if self.has_image_experts:
+            self.image_self_attn = TransfusionAttentionProjections(config)
+            self.image_mlp = TransfusionMLP(config)
+            self.image_input_layernorm = TransfusionRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.image_post_attention_layernorm = TransfusionRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def _text_mlp(self, x):
+        return self.mlp(self.post_attention_layernorm(x))
+
+    def _image_mlp(self, x):
+        return self.image_mlp(self.image_post_attention_layernorm(x))
 
     def forward(
-        self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None, output_attentions=False
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_embeddings=None,
+        past_key_values=None,
+        output_attentions=False,
+        image_positions=None,
     ):
+        experts = self.has_image_experts
         residual = hidden_states
+        normed = by_modality(hidden_states, image_positions, self.input_layernorm, experts and self.image_input_layernorm)
         hidden_states, weights = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, output_attentions
+            normed,
+            position_embeddings,
+            attention_mask,
+            past_key_values,
+            output_attentions,
+            image_positions=image_positions,
+            image_projections=self.image_self_attn if experts else None,
         )
         hidden_states = residual + hidden_states
-        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = hidden_states + by_modality(hidden_states, image_positions, self._text_mlp, experts and self._image_mlp)
         return hidden_states, weights
 
 
@@ -375,6 +446,8 @@ class TransfusionModel(TransfusionPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([TransfusionDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = TransfusionRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if config.modality_experts == "mot":
+            self.image_norm = TransfusionRMSNorm(config.hidden_size, eps=config.rms_norm_eps)  # the image experts' own
         self.rotary_emb = TransfusionRotaryEmbedding(config)
         self.time_embed = TransfusionTimestepEmbedder(config)
         if config.patch_encoder == "unet":
@@ -479,6 +552,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
             # Positions count only attended tokens, so left padding and dropped captions shift nothing.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
 
+        image_positions = slots if n_images and c.modality_experts == "mot" else None  # routes modality experts
         block_sequence_ids = None
         if n_images and c.image_attention == "bidirectional":
             block_sequence_ids = F.pad(blocks, (past_length, 0), value=-1)  # full length: past + current
@@ -503,10 +577,11 @@ class TransfusionModel(TransfusionPreTrainedModel):
                 position_embeddings=position_embeddings,
                 past_key_values=past_key_values,
                 output_attentions=output_attentions,
+                image_positions=image_positions,
             )
             if output_attentions:
                 all_attn.append(weights)
-        hidden_states = self.norm(hidden_states)
+        hidden_states = by_modality(hidden_states, image_positions, self.norm, getattr(self, "image_norm", None))
         if output_hidden_states:
             all_hidden.append(hidden_states)
 
