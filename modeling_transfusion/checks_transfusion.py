@@ -131,4 +131,45 @@ def nonfinite_weights(model: torch.nn.Module) -> list[str]:
     return [name for name, t in tensors if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all()]
 
 
-__all__ = ["check_ids", "check_attention_mask", "check_image_inputs", "check_pixels", "check_labels", "nonfinite_weights"]
+# -- checkpoints ------------------------------------------------------------------------------------------------
+def check_local_folder(name_or_path, subfolder: str = "") -> None:
+    """A path that names a local folder must be one with a config.json; a Hub repo id passes through."""
+    from pathlib import Path
+
+    text = str(name_or_path)
+    path = Path(text) / subfolder if subfolder else Path(text)
+    local = Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    if not local:
+        return
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a folder: pass a saved model folder (with config.json) or a Hub repo id")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: it is not a saved model folder")
+
+
+def weight_files(folder, subfolder: str = "") -> str:
+    from pathlib import Path
+
+    path = Path(str(folder)) / subfolder
+    return ", ".join(sorted(p.name for p in path.glob("*.safetensors"))) if path.is_dir() else str(folder)
+
+
+def damaged_files(folder) -> str:
+    """Names of the .safetensors files in a local folder that cannot be opened."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    damaged = []
+    for path in sorted(Path(str(folder)).glob("*.safetensors")) if Path(str(folder)).is_dir() else []:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception as e:  # noqa: BLE001 - we report every unreadable file
+            damaged.append(f"{path.name}: {e}")
+    return "; ".join(damaged)
+
+
+__all__ = ["check_ids", "check_attention_mask", "check_image_inputs", "check_pixels", "check_labels", "nonfinite_weights", "check_local_folder",
+           "weight_files", "damaged_files"]

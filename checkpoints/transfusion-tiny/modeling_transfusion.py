@@ -35,6 +35,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
 from .checks_transfusion import (
     check_attention_mask,
+    check_local_folder,
+    damaged_files,
+    weight_files,
     check_ids,
     check_image_inputs,
     check_labels,
@@ -393,7 +396,7 @@ class TransfusionPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        _check_local_folder(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+        check_local_folder(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
         try:
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except Exception as error:  # a damaged weights file surfaces from deep inside safetensors
@@ -401,14 +404,14 @@ class TransfusionPreTrainedModel(PreTrainedModel):
                 raise
             raise ValueError(
                 f"A weights file under {pretrained_model_name_or_path} is truncated or corrupted "
-                f"({_damaged_files(pretrained_model_name_or_path) or error}); re-save or re-download the checkpoint"
+                f"({damaged_files(pretrained_model_name_or_path) or error}); re-save or re-download the checkpoint"
             ) from error
         loaded = model[0] if isinstance(model, tuple) else model  # (model, loading info) with output_loading_info
         damaged = nonfinite_weights(loaded)
         if damaged:
             raise ValueError(
                 f"The weights loaded from {pretrained_model_name_or_path} hold NaN or infinite values in "
-                f"{', '.join(damaged[:5])}{' …' if len(damaged) > 5 else ''} (files: {_weight_files(pretrained_model_name_or_path, kwargs.get('subfolder', ''))}); "
+                f"{', '.join(damaged[:5])}{' …' if len(damaged) > 5 else ''} (files: {weight_files(pretrained_model_name_or_path, kwargs.get('subfolder', ''))}); "
                 "the checkpoint is damaged: re-save or re-download it"
             )
         vae = getattr(loaded, "vae", None)  # TransfusionModel's attribute, TransfusionForCausalLM's property
@@ -760,45 +763,6 @@ class TransfusionForCausalLM(TransfusionPreTrainedModel, GenerationMixin):
 
 
 _NO_RECORD = object()  # a model built in memory has no `_weight_conversions`
-
-
-def _check_local_folder(name_or_path, subfolder: str = "") -> None:
-    """A path that names a local folder must be one with a config.json; a Hub repo id passes through."""
-    from pathlib import Path
-
-    text = str(name_or_path)
-    path = Path(text) / subfolder if subfolder else Path(text)
-    local = Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
-    if not local:
-        return
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a folder: pass a saved model folder (with config.json) or a Hub repo id")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: it is not a saved model folder")
-
-
-def _weight_files(folder, subfolder: str = "") -> str:
-    from pathlib import Path
-
-    path = Path(str(folder)) / subfolder
-    return ", ".join(sorted(p.name for p in path.glob("*.safetensors"))) if path.is_dir() else str(folder)
-
-
-def _damaged_files(folder) -> str:
-    """Names of the .safetensors files in a local folder that cannot be opened."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    damaged = []
-    for path in sorted(Path(str(folder)).glob("*.safetensors")) if Path(str(folder)).is_dir() else []:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    f.get_slice(key)
-        except Exception as e:  # noqa: BLE001 - we report every unreadable file
-            damaged.append(f"{path.name}: {e}")
-    return "; ".join(damaged)
 
 
 TransfusionModel.register_for_auto_class("AutoModel")
