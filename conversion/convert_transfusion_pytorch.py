@@ -260,7 +260,7 @@ def load_state(path) -> dict:
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError):
         # torch's own message advises weights_only=False, i.e. running the file's code: never do that
         raise ValueError(
             f"{path} holds more than tensors (or is damaged), so it is not loaded: a .pt file may only hold a state "

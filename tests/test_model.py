@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import ROOT, randomize_zero_init, tiny_config, tiny_model
+from conftest import tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.masking_utils import create_causal_mask
 
