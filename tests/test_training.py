@@ -369,3 +369,86 @@ def test_schedule_warms_up_then_decays_to_a_twentieth():
     s = train_script.WarmupCosine(warmup=10, horizon=110, final=0.05)
     assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)
     assert s(60) == pytest.approx(0.525) and s(110) == pytest.approx(0.05) and s(500) == pytest.approx(0.05)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints hold no pickle; a full disk is named
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _TouchWhenUnpickled:
+    """A pickle that runs code: unpickling it creates `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+def test_checkpoints_are_safetensors_and_json_only(reference):
+    step = reference / "checkpoints/step-6"
+    assert sorted(p.name for p in step.iterdir()) == [
+        "manifest.json", "model.safetensors", "optimizer.safetensors", "rng_state_0.safetensors", "training_state.json",
+    ]  # fmt: skip
+    state = json.loads((step / "training_state.json").read_text())
+    assert state["train_state"]["step"] == 6 and state["scheduler"]["last_epoch"] == 6
+
+
+def test_resume_never_unpickles_what_the_checkpoint_folder_holds(assets, reference, tmp_path, capsys):
+    """accelerate's custom-state and RNG pickles (the names it loads) planted or swapped in a checkpoint, with the
+    manifest rewritten to match (a checksum, not a signature): --resume refuses the folder and runs none of them."""
+    import pickle
+    import shutil
+
+    from training.checkpoints import write_manifest
+
+    out = tmp_path / "planted"
+    shutil.copytree(reference / "checkpoints", out / "checkpoints")
+    step = out / "checkpoints/step-6"
+    marker = tmp_path / "code-ran"
+    payload = pickle.dumps(_TouchWhenUnpickled(marker))
+    assert not marker.exists()
+    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "random_states_0.pkl"):
+        (step / name).write_bytes(payload)
+    write_manifest(step)
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(flags(assets, out, "--grad-accum", "2", "--resume", "--max-steps", "7"))
+    err = capsys.readouterr().err
+    assert not marker.exists(), "resuming ran code from the checkpoint folder"
+    assert exit_info.value.code == 2 and str(step) in err and "never loaded" in err and "custom_checkpoint_0.pkl" in err
+    assert "Traceback" not in err
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_earlier_checkpoint(assets, reference, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    from training.checkpoints import verify_checkpoint
+
+    writes, real_save_file = [], safetensors.torch.save_file
+
+    def fill_up_at_the_second_checkpoint(tensors, filename, metadata=None):
+        writes.append(filename)
+        if len(writes) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fill_up_at_the_second_checkpoint)  # what save_model calls
+    out = tmp_path / "full"
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(flags(assets, out, "--grad-accum", "2"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert str(out / "checkpoints/step-6.tmp/model.safetensors") in err and "no space left on device" in err
+    assert f"the earlier checkpoints are intact (latest: {out / 'checkpoints/step-3'})" in err
+    assert not (out / "checkpoints/step-6.tmp").exists()
+    verify_checkpoint(out / "checkpoints/step-3")
+
+    monkeypatch.undo()  # space freed: the run continues from step 3 on the same curve
+    train_script.main(flags(assets, out, "--grad-accum", "2", "--resume"))
+    resumed, straight = log_of(out), log_of(reference)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(resumed, straight):
+        assert {k: a[k] for k in KEYS} == {k: b[k] for k in KEYS}, a["step"]

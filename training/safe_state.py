@@ -33,8 +33,10 @@ def _flatten_optimizer(name: str, state: dict, tensors: dict) -> dict:
 
 
 def _unflatten_optimizer(saved: dict, tensors: dict) -> dict:
-    state = {
-        int(param_id): {key: tensors[v["tensor"]] if "tensor" in v else v["value"] for key, v in entries.items()}
+    state = {  # ids are ints, or parameter names (FSDP's full optimizer state dict)
+        int(param_id) if param_id.isdigit() else param_id: {
+            key: tensors[v["tensor"]] if "tensor" in v else v["value"] for key, v in entries.items()
+        }
         for param_id, entries in saved["state"].items()
     }
     return {"state": state, "param_groups": saved["param_groups"]}
@@ -67,13 +69,16 @@ def load_state(path) -> tuple[dict[str, dict], dict[str, dict], dict]:
             header = json.loads((f.metadata() or {})[_META_KEY])
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as error:
         raise ValueError(f"{path} is not a readable training state ({error}); delete it to start over") from error
-    modules = {name: {} for name in header["modules"]}
-    for key, value in tensors.items():
-        name, _, param = key.partition("/")
-        if name in modules:
-            modules[name][param] = value
-    optimizers = {name: _unflatten_optimizer(saved, tensors) for name, saved in header["optimizers"].items()}
-    return modules, optimizers, header["meta"]
+    try:
+        modules = {name: {} for name in header["modules"]}
+        for key, value in tensors.items():
+            name, _, param = key.partition("/")
+            if name in modules:
+                modules[name][param] = value
+        optimizers = {name: _unflatten_optimizer(saved, tensors) for name, saved in header["optimizers"].items()}
+        return modules, optimizers, header["meta"]
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path} is not a readable training state (its metadata lacks {error}); delete it to start over") from None
 
 
 __all__ = ["save_state", "load_state"]

@@ -14,8 +14,8 @@ the global RNG is seeded from (seed, m), so the timesteps, noise and caption dro
 (`TransfusionDiffusionObjective`) draws belong to the micro-batch, not to the process. W processes × A and one process × (W·A) therefore compute the same
 micro-batch losses and the same averaged gradient (up to float summation order).
 
-Resume. A checkpoint (``<output-dir>/checkpoints/step-N``, accelerate ``save_state`` + a checksum manifest) holds
-the model, optimizer, LR schedule, step counters and RNG states; since the data position is a function of the step,
+Resume. A checkpoint (``<output-dir>/checkpoints/step-N``: safetensors + JSON, never a pickle, and a checksum
+manifest; see training/checkpoints.py) holds the model, optimizer, LR schedule, step counters and RNG states; since the data position is a function of the step,
 the resumed run continues the same loss curve (bit for bit on CPU). A run killed mid-way resumes from its last
 complete checkpoint and rewrites the log from there.
 """
@@ -38,7 +38,7 @@ from training.checkpoints import (
     CHECKPOINT_PREFIX,
     CheckpointError,
     TrainState,
-    portable_model_hooks,
+    load_checkpoint,
     resolve_resume,
     save_checkpoint,
     save_final,
@@ -361,6 +361,9 @@ def train(args) -> dict:
     )
     say = accelerator.print
     world, rank = accelerator.num_processes, accelerator.process_index
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise CheckpointError("DeepSpeed saves and resumes its state through pickles, and this script's checkpoints are "
+                              "safetensors + JSON only; train sharded with FSDP (training/configs/accelerate_fsdp.yaml) or DDP")
     resume_from = resolve_resume(args, ckpt_root)
     if resume_from is not None:
         verify_checkpoint(resume_from)
@@ -410,14 +413,10 @@ def train(args) -> dict:
     state = TrainState(global_batch=global_batch, batch_size=args.batch_size, seed=args.seed)
     # The scheduler is not prepared: accelerate would step it once per process. Stepping it here once per optimizer
     # step keeps the schedule independent of the number of processes.
-    accelerator.register_for_checkpointing(scheduler, state)
-    portable_model_hooks(accelerator)
+    saved_with = (model, optimizer, scheduler, state)  # what every checkpoint holds, with the RNG states
 
     if resume_from is not None:
-        try:
-            accelerator.load_state(str(resume_from))
-        except Exception as err:
-            raise CheckpointError(f"could not load checkpoint {resume_from}: {type(err).__name__}: {err}") from None
+        load_checkpoint(accelerator, resume_from, *saved_with)
         accelerator.step = 0  # micro-batch counter: every checkpoint sits on an optimizer-step boundary
         if (state.global_batch, state.batch_size, state.seed) != (global_batch, args.batch_size, args.seed):
             say(f"warning: {resume_from} was trained with global batch {state.global_batch} (micro-batch "
@@ -553,7 +552,7 @@ def train(args) -> dict:
             stopping = accelerator.check_trigger()
             finished = stopping or (schedule.horizon is not None and state.step >= schedule.horizon)
             if (args.save_every and state.step % args.save_every == 0) or finished:
-                save_checkpoint(accelerator, ckpt_root, state.step, args.keep_checkpoints)
+                save_checkpoint(accelerator, ckpt_root, state.step, args.keep_checkpoints, *saved_with)
                 save_final(accelerator, model, tokenizer, processor, final_dir)
                 last_saved = state.step
             if args.sample_every and (state.step % args.sample_every == 0 or finished) and accelerator.is_main_process:
@@ -575,7 +574,7 @@ def train(args) -> dict:
             signal.signal(sig, handler)
 
     if session_steps and last_saved != state.step:
-        save_checkpoint(accelerator, ckpt_root, state.step, args.keep_checkpoints)
+        save_checkpoint(accelerator, ckpt_root, state.step, args.keep_checkpoints, *saved_with)
         save_final(accelerator, model, tokenizer, processor, final_dir)
     if accelerator.is_main_process:
         plot_losses(log_path, out_dir / "loss.png")
@@ -592,12 +591,17 @@ def train(args) -> dict:
     summary = {"step": state.step, "tokens_per_s": tokens_per_s, "output_dir": str(out_dir), "processes": world}
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if world == 1:  # let a later in-process run (tests) build a fresh Accelerator
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
     return summary
+
+
+def _reset_accelerate() -> None:
+    """Let a later in-process run (tests) build a fresh Accelerator, also after an error."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def main(argv=None) -> dict:
@@ -607,6 +611,8 @@ def main(argv=None) -> dict:
     except (CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        _reset_accelerate()
 
 
 if __name__ == "__main__":
