@@ -180,20 +180,27 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return output, weights
 
 
-def by_modality(x: torch.Tensor, image: torch.Tensor | None, text_fn, image_fn=None) -> torch.Tensor:
-    """`text_fn` on the text positions of x (B, L, ·), `image_fn` on its image positions (`image`: (B, L) bool).
+class ModalityRouting:
+    """Which positions are text and which are image slots, as flat indices computed once per forward: the routing of
+    modality-specific weights (Mixture-of-Transformers). `split` gathers the two groups, `merge` scatters them back;
+    each position runs through one expert only."""
 
-    The routing of modality-specific weights (Mixture-of-Transformers): each position runs through one function only,
-    and a call without image positions (text, a decoding step) or without image weights (a dense model) costs what
-    `text_fn(x)` costs."""
-    if image_fn is None or image is None or not image.any():
-        return text_fn(x)
-    if image.all():  # a denoising step: only image slots
-        return image_fn(x)
-    text_out, image_out = text_fn(x[~image]), image_fn(x[image])  # (T, ·), (I, ·)
-    out = text_out.new_empty(*image.shape, text_out.shape[-1])
-    out[~image], out[image] = text_out, image_out.to(text_out.dtype)
-    return out
+    def __init__(self, image_positions: torch.Tensor):
+        flat = image_positions.reshape(-1)  # (B·L,)
+        self.shape = tuple(image_positions.shape)
+        self.text = (~flat).nonzero().squeeze(-1)
+        self.image = flat.nonzero().squeeze(-1)
+        self.image_only = len(self.text) == 0  # a denoising step: no gathering needed
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, ·) → text rows (T, ·) and image rows (I, ·)."""
+        flat = x.reshape(-1, x.shape[-1])
+        return flat.index_select(0, self.text), flat.index_select(0, self.image)
+
+    def merge(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """(T, ·) and (I, ·) → (B, L, ·)."""
+        out = text.new_empty(len(self.text) + len(self.image), text.shape[-1])
+        return out.index_copy(0, self.text, text).index_copy(0, self.image, image.to(text.dtype)).view(*self.shape, -1)
 
 
 class TransfusionAttentionProjections(nn.Module):
@@ -208,10 +215,13 @@ class TransfusionAttentionProjections(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * d, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * d, config.hidden_size, bias=bias)
 
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
 
 class TransfusionAttention(TransfusionAttentionProjections):
-    """Self-attention over the whole sequence, computed once; with `image_projections` the image positions are
-    projected by those weights (modality experts) and the text positions by this module's own."""
+    """Self-attention over the whole sequence, computed once (`attend`). A Mixture-of-Transformers layer projects its
+    text and image positions with their own weights and calls `attend` on the merged projections."""
 
     def __init__(self, config: TransfusionConfig, layer_idx: int):
         super().__init__(config)
@@ -223,26 +233,13 @@ class TransfusionAttention(TransfusionAttentionProjections):
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
 
-    def forward(
-        self,
-        hidden_states,
-        position_embeddings,
-        attention_mask,
-        past_key_values=None,
-        output_attentions=False,
-        image_positions=None,
-        image_projections: TransfusionAttentionProjections | None = None,
-    ):
-        input_shape = hidden_states.shape[:-1]
+    def attend(self, query, key, value, position_embeddings, attention_mask, past_key_values=None, output_attentions=False):
+        """(B, L, H·d), (B, L, Hkv·d) ×2 projections → (B, L, H·d) attention output (before o_proj), weights."""
+        input_shape = query.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        experts = image_projections
-
-        def project(name, x):
-            return by_modality(x, image_positions, getattr(self, name), experts and getattr(experts, name))
-
-        query = project("q_proj", hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, L, d)
-        key = project("k_proj", hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, L, d)
-        value = project("v_proj", hidden_states).view(hidden_shape).transpose(1, 2)
+        query = query.view(hidden_shape).transpose(1, 2)  # (B, H, L, d)
+        key = key.view(hidden_shape).transpose(1, 2)  # (B, Hkv, L, d)
+        value = value.view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
         if past_key_values is not None:
@@ -259,8 +256,13 @@ class TransfusionAttention(TransfusionAttentionProjections):
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
         )
-        output = project("o_proj", output.reshape(*input_shape, -1).contiguous())
-        return output, weights
+        return output.reshape(*input_shape, -1).contiguous(), weights
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, output_attentions=False):
+        output, weights = self.attend(
+            *self.qkv(hidden_states), position_embeddings, attention_mask, past_key_values, output_attentions
+        )
+        return self.o_proj(output), weights
 
 
 class TransfusionMLP(nn.Module):
@@ -293,11 +295,14 @@ class TransfusionDecoderLayer(GradientCheckpointingLayer):
             self.image_input_layernorm = TransfusionRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.image_post_attention_layernorm = TransfusionRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def _text_mlp(self, x):
-        return self.mlp(self.post_attention_layernorm(x))
-
-    def _image_mlp(self, x):
-        return self.image_mlp(self.image_post_attention_layernorm(x))
+    def _one_expert(self, x, attention_mask, position_embeddings, past_key_values, output_attentions, projections,
+                    input_norm, mlp, post_norm):  # fmt: skip
+        """The block with one set of weights for every position (dense, or a call of image slots only)."""
+        attended, weights = self.self_attn.attend(
+            *projections.qkv(input_norm(x)), position_embeddings, attention_mask, past_key_values, output_attentions
+        )
+        x = x + projections.o_proj(attended)
+        return x + mlp(post_norm(x)), weights
 
     def forward(
         self,
@@ -306,23 +311,30 @@ class TransfusionDecoderLayer(GradientCheckpointingLayer):
         position_embeddings=None,
         past_key_values=None,
         output_attentions=False,
-        image_positions=None,
+        routing: ModalityRouting | None = None,
     ):
-        experts = self.has_image_experts
-        residual = hidden_states
-        normed = by_modality(hidden_states, image_positions, self.input_layernorm, experts and self.image_input_layernorm)
-        hidden_states, weights = self.self_attn(
-            normed,
-            position_embeddings,
-            attention_mask,
-            past_key_values,
-            output_attentions,
-            image_positions=image_positions,
-            image_projections=self.image_self_attn if experts else None,
-        )
-        hidden_states = residual + hidden_states
-        hidden_states = hidden_states + by_modality(hidden_states, image_positions, self._text_mlp, experts and self._image_mlp)
-        return hidden_states, weights
+        if routing is None or not self.has_image_experts:  # no image slots in this call, or a dense model
+            return self._one_expert(hidden_states, attention_mask, position_embeddings, past_key_values,
+                                    output_attentions, self.self_attn, self.input_layernorm, self.mlp,
+                                    self.post_attention_layernorm)  # fmt: skip
+        if routing.image_only:
+            return self._one_expert(hidden_states, attention_mask, position_embeddings, past_key_values,
+                                    output_attentions, self.image_self_attn, self.image_input_layernorm,
+                                    self.image_mlp, self.image_post_attention_layernorm)  # fmt: skip
+
+        text, image = routing.split(hidden_states)  # (T, D), (I, D): each group through its own weights
+        text_qkv = self.self_attn.qkv(self.input_layernorm(text))
+        image_qkv = self.image_self_attn.qkv(self.image_input_layernorm(image))
+        query, key, value = (routing.merge(t, i) for t, i in zip(text_qkv, image_qkv))
+        attended, weights = self.self_attn.attend(
+            query, key, value, position_embeddings, attention_mask, past_key_values, output_attentions
+        )  # one attention over the whole sequence
+        text_attended, image_attended = routing.split(attended)
+        text = text + self.self_attn.o_proj(text_attended)
+        image = image + self.image_self_attn.o_proj(image_attended)
+        text = text + self.mlp(self.post_attention_layernorm(text))
+        image = image + self.image_mlp(self.image_post_attention_layernorm(image))
+        return routing.merge(text, image), weights
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -555,7 +567,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
             # Positions count only attended tokens, so left padding and dropped captions shift nothing.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
 
-        image_positions = slots if n_images and c.modality_experts == "mot" else None  # routes modality experts
+        routing = ModalityRouting(slots) if n_images and c.modality_experts == "mot" else None  # modality experts
         block_sequence_ids = None
         if n_images and c.image_attention == "bidirectional":
             block_sequence_ids = F.pad(blocks, (past_length, 0), value=-1)  # full length: past + current
@@ -580,11 +592,17 @@ class TransfusionModel(TransfusionPreTrainedModel):
                 position_embeddings=position_embeddings,
                 past_key_values=past_key_values,
                 output_attentions=output_attentions,
-                image_positions=image_positions,
+                routing=routing,
             )
             if output_attentions:
                 all_attn.append(weights)
-        hidden_states = by_modality(hidden_states, image_positions, self.norm, getattr(self, "image_norm", None))
+        if routing is None:
+            hidden_states = self.norm(hidden_states)
+        elif routing.image_only:
+            hidden_states = self.image_norm(hidden_states)
+        else:
+            text, image = routing.split(hidden_states)
+            hidden_states = routing.merge(self.norm(text), self.image_norm(image))
         if output_hidden_states:
             all_hidden.append(hidden_states)
 
