@@ -65,15 +65,32 @@ def test_vae_training_resumes_from_safe_state_and_never_reads_a_pickle(tmp_path,
 
 
 def _unsafe_loads(tree: ast.AST) -> list[int]:
-    """Lines of calls that can unpickle: torch.load without weights_only=True, pickle/dill/joblib loads,
-    numpy loads with allow_pickle=True."""
+    """Lines of calls that can unpickle: torch.load without weights_only=True, any call passing weights_only=False,
+    pickle/dill/joblib loads, numpy loads with allow_pickle=True, and accelerate's state loaders
+    (`accelerator.load_state`, which unpickles custom states with weights_only=False, and its functions imported by
+    name)."""
+    from_accelerate = {
+        alias.asname or alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "accelerate"
+        for alias in node.names
+    }
     lines = []
     for node in ast.walk(tree):
-        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+        if not isinstance(node, ast.Call):
             continue
-        owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
         keywords = {k.arg: k.value for k in node.keywords}
         flag = keywords.get("weights_only")
+        if isinstance(flag, ast.Constant) and flag.value is False:
+            lines.append(node.lineno)
+            continue
+        if isinstance(node.func, ast.Name):
+            if node.func.id in from_accelerate and "load" in node.func.id:
+                lines.append(node.lineno)
+            continue
+        if not isinstance(node.func, ast.Attribute):
+            continue
+        owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
         if node.func.attr == "load" and owner == "torch":
             if not (isinstance(flag, ast.Constant) and flag.value is True):
                 lines.append(node.lineno)
@@ -83,7 +100,9 @@ def _unsafe_loads(tree: ast.AST) -> list[int]:
             allow = keywords.get("allow_pickle")
             if isinstance(allow, ast.Constant) and allow.value is True:
                 lines.append(node.lineno)
-    return lines
+        elif node.func.attr in ("load_state", "load_custom_state", "load_accelerator_state") and owner != "safe_state":
+            lines.append(node.lineno)
+    return sorted(lines)
 
 
 def test_no_code_in_the_repository_can_load_a_pickle():
@@ -98,3 +117,16 @@ def test_no_code_in_the_repository_can_load_a_pickle():
     # the scanner itself catches what it is for
     assert _unsafe_loads(ast.parse("torch.load(p)\ntorch.load(p, weights_only=False)\npickle.load(f)")) == [1, 2, 3]
     assert _unsafe_loads(ast.parse("torch.load(p, map_location='cpu', weights_only=True)")) == []
+    accelerate_loads = (
+        "accelerator.load_state(folder)\n"
+        "self.accelerator.load_state(str(folder))\n"
+        "from accelerate.checkpointing import load_custom_state\n"
+        "load_custom_state(obj, folder)\n"
+        "from accelerate.utils import load as acc_load\n"
+        "acc_load(f, weights_only=True)\n"
+        "anything(f, weights_only=False)\n"
+        "load_file(f, weights_only=False)\n"
+    )
+    assert _unsafe_loads(ast.parse(accelerate_loads)) == [1, 2, 4, 6, 7, 8]
+    # this repository's own safe reader is not one of them
+    assert _unsafe_loads(ast.parse("from training.safe_state import load_state\nload_state(p)\nsafe_state.load_state(p)")) == []
