@@ -28,8 +28,10 @@ accumulation steps, W processes); process ``r`` takes those with ``m ≡ r (mod 
 accumulation steps therefore sees exactly the same micro-batches as ``W`` processes with ``A`` each.
 """
 
+import errno
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,12 +65,17 @@ def parse_mix(mix) -> dict[str, float]:
     """Mixture weights from a dict or a string ``"fashion=0.4,shapes=0.4,text=0.2"``; normalised to sum 1."""
     if isinstance(mix, str):
         mix = parse_named_numbers(mix, "--mix", "comma-separated name=weight pairs, e.g. fashion=0.4,shapes=0.4,text=0.2")
+    if not isinstance(mix, dict):
+        raise ValueError(f"--mix {mix!r}: expected name=weight pairs, e.g. fashion=0.4,shapes=0.4,text=0.2")
     unknown = sorted(set(mix) - set(SOURCES))
     if unknown:
         raise ValueError(f"unknown mixture source(s) {unknown}; allowed: {SOURCES}")
-    weights = {k: float(mix.get(k, 0.0)) for k in SOURCES}
-    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-        raise ValueError(f"mixture weights must be ≥ 0 and not all 0, got {weights}")
+    try:
+        weights = {k: float(mix.get(k, 0.0)) for k in SOURCES}
+    except (TypeError, ValueError):
+        raise ValueError(f"--mix {mix!r}: weights must be numbers, e.g. fashion=0.4,shapes=0.4,text=0.2") from None
+    if not all(math.isfinite(w) and w >= 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"--mix {weights}: mixture weights must be finite numbers ≥ 0, not all 0")
     total = sum(weights.values())
     return {k: w / total for k, w in weights.items()}
 
@@ -83,13 +90,18 @@ def parse_image_first(value) -> dict[str, float]:
             value = parse_named_numbers(
                 value, "--image-first-prob", "a probability or name=probability pairs, e.g. 0.2 or fashion=0.4,shapes=0.3"
             )
+    if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
+        raise ValueError(f"image_first_prob {value!r}: expected a probability or name=probability pairs, e.g. 0.2 or fashion=0.4,shapes=0.3")
     if isinstance(value, (int, float)):
         probs = dict.fromkeys(IMAGE_SOURCES, float(value))
     else:
         unknown = sorted(set(value) - set(IMAGE_SOURCES))
         if unknown:
             raise ValueError(f"image_first_prob names unknown image source(s) {unknown}; allowed: {list(IMAGE_SOURCES)}")
-        probs = {k: float(value.get(k, 0.2)) for k in IMAGE_SOURCES}
+        try:
+            probs = {k: float(value.get(k, 0.2)) for k in IMAGE_SOURCES}
+        except (TypeError, ValueError):
+            raise ValueError(f"image_first_prob {value!r}: expected probabilities in [0, 1]") from None
     bad = {k: p for k, p in probs.items() if not 0.0 <= p <= 1.0}
     if bad:
         raise ValueError(f"image_first_prob {bad}: expected probabilities in [0, 1]")
@@ -157,32 +169,60 @@ def encode_pixels(encode_images, chunks: Iterator[torch.Tensor], batch_size: int
     return torch.cat(out)
 
 
+class LatentCacheError(ValueError):
+    """A latent cache file that cannot be used; the message names it and says to delete it."""
+
+
+def _read_latent_cache(path: Path) -> tuple[torch.Tensor, list[str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            latents = f.get_tensor("latents")
+            captions = json.loads((f.metadata() or {})["captions"])
+    except (SafetensorError, OSError, KeyError, ValueError) as err:  # truncated, empty or not a cache
+        raise LatentCacheError(f"latent cache {path} is unreadable ({type(err).__name__}: {err}); delete it to re-encode") from None
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise LatentCacheError(f"latent cache {path} holds no caption list; delete it to re-encode")
+    if not torch.isfinite(latents).all():
+        raise LatentCacheError(f"latent cache {path} holds NaN or infinite latents; delete it to re-encode")
+    return latents, captions
+
+
 def load_or_encode_latents(
     model, name: str, count: int | None, cache_dir: str | os.PathLike, shapes_seed: int = 0, device=None, log=print
 ) -> ImageSource:
-    """The latents of a source, from ``<cache_dir>/latents-<name>-n<count>-s<seed>-<vae hash>.pt`` or encoded with
-    `model.encode_images` and written there (atomically). The file is keyed by the VAE's weights, so a retrained VAE
-    never reads stale latents."""
+    """The latents of a source, from ``<cache_dir>/latents-<name>-n<count>-s<seed>-<vae hash>.safetensors`` (the
+    latents as a tensor, the captions as JSON metadata) or encoded with `model.encode_images` and written there
+    (atomically). The file is keyed by the VAE's weights, so a retrained VAE never reads stale latents."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     n = source_size(name, count)
-    key = f"latents-{name}-n{n}-s{shapes_seed if name == 'shapes' else 0}-{vae_fingerprint(model.model.vae)}.pt"
+    key = f"latents-{name}-n{n}-s{shapes_seed if name == 'shapes' else 0}-{vae_fingerprint(model.model.vae)}.safetensors"
     path = Path(cache_dir) / key
     if path.exists():  # shapes scenes are a pure function of (seed, index): only their count is checked
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        captions = data.get("captions", [])
-        if len(captions) != n or len(data["latents"]) != n or (name == "fashion" and captions != source_pixels(name, n)[0]):
-            raise ValueError(f"latent cache {path} does not match the {n} {name} images; delete it to re-encode")
+        latents, captions = _read_latent_cache(path)
+        if len(captions) != n or len(latents) != n or (name == "fashion" and captions != source_pixels(name, n)[0]):
+            raise LatentCacheError(f"latent cache {path} does not match the {n} {name} images; delete it to re-encode")
         log(f"latents of {n} {name} images from {path}")
-        return ImageSource(name, data["latents"], captions)
+        return ImageSource(name, latents, captions)
     captions, chunks = source_pixels(name, n, shapes_seed)
     log(f"encoding {len(captions)} {name} images with the VAE (once; cached in {path})")
     with tqdm(total=len(captions), desc=f"encode {name}", dynamic_ncols=True, mininterval=5) as bar:
         latents = encode_pixels(model.encode_images, chunks, device=device, progress=bar)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save({"latents": latents, "captions": captions}, tmp)
-    os.replace(tmp, path)
+    try:
+        save_file({"latents": latents.contiguous()}, str(tmp), metadata={"captions": json.dumps(captions)})
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as err:
+        tmp.unlink(missing_ok=True)
+        full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
+        raise LatentCacheError(f"could not write latent cache {path}: "
+                               f"{'no space left on device' if full else f'{type(err).__name__}: {err}'}; nothing was "
+                               f"cached, pass --latent-cache a folder with room or free some space") from None  # fmt: skip
     return ImageSource(name, latents, captions)
 
 
