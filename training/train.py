@@ -44,6 +44,7 @@ from training.checkpoints import (
     save_final,
     verify_checkpoint,
 )
+from training.collate import LatentCacheError
 from training.monitor import plot_losses, read_log, write_samples
 
 DEFAULT_STEPS = 2000
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise-limit", type=int, help="an image before its caption gets t < N (paper: 500; the bundled model ends with 100; 0 disables)")
     g.add_argument("--caption-drop", type=float, help="caption dropout probability for classifier-free guidance")
     g.add_argument("--max-position-embeddings", type=int)
-    g.add_argument("--model-kwargs", type=json.loads, help='more TransfusionConfig fields as JSON, e.g. \'{"rms_norm_eps": 1e-5}\'')
+    g.add_argument("--model-kwargs", type=json_object, help='more TransfusionConfig fields as JSON, e.g. \'{"rms_norm_eps": 1e-5}\'')
     g.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g = p.add_argument_group("data")
@@ -142,17 +143,110 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({err}); expected an object such as '{{\"rms_norm_eps\": 1e-5}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object such as '{{\"rms_norm_eps\": 1e-5}}'")
+    return value
+
+
 def load_config_file(path: str) -> dict:
     text = Path(path).read_text()
     if path.endswith(".json"):
-        values = json.loads(text)
+        try:
+            values = json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"not valid JSON ({err})") from None
     else:
         import yaml
 
-        values = yaml.safe_load(text) or {}
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of flag names to values, got {type(values).__name__}")
-    return {k.replace("-", "_"): v for k, v in values.items()}
+        raise ValueError(f"expected a mapping of flag names to values, got {type(values).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def _config_value(action: argparse.Action, value):
+    """A config file's value for `action`'s flag, checked as the command line would check it (argparse applies no
+    `type` or `choices` to defaults); raises ValueError saying what the flag takes."""
+    if value is None:
+        return None
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{value!r} is not true or false")
+        return value
+    if action.type is json_object:
+        if not isinstance(value, dict):
+            raise ValueError(f"{value!r} is not a mapping of TransfusionConfig fields to values")
+        return value
+
+    def one(v):
+        if action.type is int:
+            if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit())):
+                raise ValueError(f"{value!r} is not an integer")
+            v = int(v)
+        elif action.type is float:
+            try:
+                if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+                    raise ValueError
+                v = float(v)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a number") from None
+        if action.choices is not None and v not in action.choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(map(str, action.choices))}")
+        return v
+
+    if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+        count = f"{action.nargs} values" if isinstance(action.nargs, int) else "a list of values"
+        if not isinstance(value, (list, tuple)) or (isinstance(action.nargs, int) and len(value) != action.nargs):
+            raise ValueError(f"{value!r} is not {count}")
+        return [one(v) for v in value]
+    if isinstance(value, (list, dict)) and action.type in (int, float):
+        raise ValueError(f"{value!r} is not {'an integer' if action.type is int else 'a number'}")
+    return one(value)
+
+
+# flag → (lowest, highest, whether the lowest is allowed); None: unbounded on that side
+RANGES = {
+    "lr": (0, None, True), "min_lr_ratio": (0, 1, True), "weight_decay": (0, None, True), "eps": (0, None, False),
+    "clip": (0, None, True), "caption_drop": (0, 1, True), "diffusion_loss_weight": (0, None, True),
+    "betas": (0, 1, True), "minutes": (0, None, False),
+    "batch_size": (1, None, True), "grad_accum": (1, None, True), "threads": (1, None, True),
+    "keep_checkpoints": (1, None, True), "log_every": (1, None, True), "calibrate_steps": (1, None, True),
+    "max_examples": (1, None, True), "max_text_tokens": (2, None, True), "shapes_count": (1, None, True),
+    "workers": (0, None, True), "save_every": (0, None, True), "sample_every": (0, None, True),
+    "warmup_steps": (0, None, True), "stop_at_step": (1, None, True), "noise_limit": (0, None, True),
+}  # fmt: skip
+NOTES = {"clip": " (0 disables clipping)", "save_every": " (0: only at the end)", "sample_every": " (0: at the end only)",
+         "noise_limit": " (0 disables it)", "betas": ", below 1"}  # fmt: skip
+
+
+def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every number flag must be finite and in its range; the message names the flag and the range."""
+    numeric = [a for a in parser._actions if a.type in (int, float)]
+    for action in numeric:
+        value = getattr(args, action.dest)
+        if value is None:
+            continue
+        flag = f"--{action.dest.replace('_', '-')}"
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if not math.isfinite(v):
+                parser.error(f"{flag}={v}: must be a finite number")
+        if action.dest not in RANGES:
+            continue
+        low, high, low_ok = RANGES[action.dest]
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            below = v < low if low_ok else v <= low
+            above = high is not None and (v >= high if action.dest == "betas" else v > high)
+            if below or above:
+                allowed = f"{'≥' if low_ok else '>'} {low}" + (f" and ≤ {high}" if high is not None and action.dest != "betas" else "")
+                parser.error(f"{flag}={v}: must be {allowed}{NOTES.get(action.dest, '')}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -163,10 +257,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             values = load_config_file(pre.config)
         except (OSError, ValueError) as err:
             parser.error(f"--config {pre.config}: {err}")
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(set(values) - known - {"config"})
+        actions = {a.dest: a for a in parser._actions}
+        unknown = sorted(set(values) - set(actions) - {"config"})
         if unknown:
             parser.error(f"--config {pre.config}: unknown key(s) {unknown}; the keys are this script's flags")
+        for key in set(values) - {"config"}:
+            try:
+                values[key] = _config_value(actions[key], values[key])
+            except ValueError as err:
+                parser.error(f"--config {pre.config}: {key} (--{key.replace('_', '-')}): {err}")
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
     from training.collate import parse_image_first, parse_mix
@@ -176,14 +275,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parse_mix(args.mix)  # checked here for a usage error; main() parses it again
     except ValueError as err:
         parser.error(str(err))
-    for name in ("batch_size", "grad_accum", "threads", "keep_checkpoints", "log_every", "calibrate_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; must be ≥ 1")
+    check_ranges(parser, args)
     if args.max_steps is not None and args.max_steps < 0:
         parser.error(f"--max-steps={args.max_steps}; must be ≥ 1 (or 0: none, the schedule follows --minutes)")
     args.max_steps = args.max_steps or None
-    if args.minutes is not None and args.minutes <= 0:
-        parser.error(f"--minutes={args.minutes}; must be > 0")
     if args.mixed_precision not in (None, "no", "bf16", "fp16"):
         parser.error(f"mixed_precision={args.mixed_precision!r}; allowed: no, bf16, fp16")
     return args
@@ -608,7 +703,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
         return train(args)
-    except (CheckpointError, FileNotFoundError) as err:
+    except (CheckpointError, FileNotFoundError, LatentCacheError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
