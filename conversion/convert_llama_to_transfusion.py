@@ -186,9 +186,21 @@ def map_text_weights(source_state: dict, model, source_vocab: int, new_rows: lis
     return {"copied": len(filled) - len(zeroed), "zero_initialised": zeroed, "added_token_rows": new_rows}
 
 
+def check_folder(path: str | Path, flag: str, what: str) -> Path:
+    """A local model folder with its config.json; otherwise FileNotFoundError naming the folder (transformers and
+    diffusers would take a missing folder for a Hub repo id and answer "Repo id must be in the form …")."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{flag} {folder}: no such folder (expected {what})")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{flag} {folder}: config.json is missing (expected {what})")
+    return folder
+
+
 def load_vae(path: str | Path):
     from diffusers import AutoencoderKL
 
+    check_folder(path, "--vae", "a diffusers AutoencoderKL folder")
     vae = AutoencoderKL.from_pretrained(path)
     config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
     config = json.loads(json.dumps(config))  # tuples → lists, as the config field stores them
@@ -202,6 +214,7 @@ def convert(source: str | Path, vae: str | Path | None = None, image_size: int |
 
     from modeling_transfusion import TransfusionForCausalLM
 
+    check_folder(source, "--source", "a local transformers causal-LM folder: config.json, weights and tokenizer files")
     source_config = AutoConfig.from_pretrained(source)
     check_source_config(source_config)
     tokenizer = AutoTokenizer.from_pretrained(source)

@@ -252,10 +252,18 @@ def map_state_dict(state: dict, config) -> tuple[dict, dict]:
 
 def load_state(path) -> dict:
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--weights {path}: no such file (a .safetensors or .pt state dict)")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err}): empty, "
+                             "truncated or not safetensors") from None  # fmt: skip
+        return _finite(state, path)
     import pickle
 
     try:
@@ -270,6 +278,15 @@ def load_state(path) -> dict:
         state = state["model"]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{path} is not a state dict of tensors (a dict name → tensor, or {{'model': that dict}})")
+    return _finite(state, path)
+
+
+def _finite(state: dict, path: Path) -> dict:
+    if not state:
+        raise ValueError(f"{path} holds no tensors")
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: tensor {name} holds NaN or infinite values; the file is damaged")
     return state
 
 
@@ -278,7 +295,13 @@ def convert(weights, options: dict | str | Path, latent_size: int = 8, vae: str 
     from modeling_transfusion import TransfusionForCausalLM
 
     if not isinstance(options, dict):
-        options = json.loads(Path(options).read_text())
+        options_path = Path(options)
+        try:
+            options = json.loads(options_path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--config {options_path}: not a readable JSON file of Transfusion keyword arguments ({err})") from None
+        if not isinstance(options, dict):
+            raise ValueError(f"--config {options_path}: expected a JSON object of Transfusion keyword arguments")
     check_options(options)
     state = load_state(weights)
     vae_model = vae_config = None
