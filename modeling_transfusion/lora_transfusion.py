@@ -28,7 +28,7 @@ class TransfusionLoraLoaderMixin(LoraBaseMixin):
 
         Extra keyword arguments go to `transformers.PreTrainedModel.load_adapter` (e.g. `revision`, `token`)."""
         model = self.transformer
-        folder = _adapter_folder(pretrained_model_name_or_path, kwargs)
+        folder = check_adapter(_adapter_folder(pretrained_model_name_or_path, kwargs))
         check_adapter_fits(model, folder)
         adapter_name = adapter_name or ("default" if not getattr(model, "_hf_peft_config_loaded", False) else None)
         if adapter_name is None:
@@ -78,10 +78,8 @@ class TransfusionLoraLoaderMixin(LoraBaseMixin):
 def _adapter_folder(name_or_path, kwargs: dict) -> Path:
     """A local adapter folder: the path itself, or the adapter files of a Hub repo downloaded to the cache."""
     path = Path(str(name_or_path))
-    if path.is_dir():
-        return path
-    if path.exists() or str(name_or_path).startswith((".", "/")):
-        raise ValueError(f"{name_or_path} is not a LoRA adapter folder (expected adapter_config.json inside it)")
+    if path.is_dir() or path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
+        return path  # local: check_adapter names what is missing
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(str(name_or_path), revision=kwargs.get("revision"), token=kwargs.get("token"),
@@ -94,16 +92,49 @@ def _adapter_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
 
         with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
             return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    if (folder / "adapter_model.bin").exists():
-        state = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
-        return {key: tuple(value.shape) for key, value in state.items()}
-    raise ValueError(f"{folder} holds no adapter_model.safetensors or adapter_model.bin")
+    raise ValueError(f"{folder} holds no adapter_model.safetensors")
+
+
+def check_adapter(path) -> Path:
+    """The folder of a PEFT adapter that loads as it should: `adapter_config.json` a JSON object naming its
+    `target_modules`, `adapter_model.safetensors` complete and finite. Raises FileNotFoundError or ValueError naming the
+    folder or file (the pipeline's loader would otherwise fail without the file's name, or load NaN weights)."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"LoRA adapter folder {folder} not found (it should hold adapter_config.json and "
+                                "adapter_model.safetensors, as PeftModel.save_pretrained writes)")  # fmt: skip
+    config_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"LoRA adapter {folder} has no adapter_config.json: it is not a PEFT adapter folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}); write the adapter again with save_pretrained") from None
+    if not isinstance(config, dict) or not config.get("target_modules"):
+        raise ValueError(f"{config_path} is not a PEFT LoRA config (a JSON object with target_modules)")
+    if not weights.is_file():
+        pickled = [p.name for p in folder.glob("adapter_model.bin")]
+        why = f"{pickled[0]} is a pickle and is never loaded" if pickled else "it is missing"
+        raise FileNotFoundError(f"LoRA adapter {folder} has no adapter_model.safetensors ({why}); save the adapter "
+                                "with safetensors (save_pretrained's default)")  # fmt: skip
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            names = list(f.keys())
+            if not names:
+                raise ValueError(f"{weights} holds no tensors")
+            for name in names:
+                if not torch.isfinite(f.get_tensor(name)).all():
+                    raise ValueError(f"{weights}: tensor {name} holds NaN or infinite values; the adapter is damaged")
+    except (SafetensorError, OSError) as err:  # empty, truncated or not safetensors
+        raise ValueError(f"{weights} is not a readable safetensors file ({type(err).__name__}: {err}); the adapter is "
+                         "damaged or incomplete: write it again") from None  # fmt: skip
+    return folder
 
 
 def check_adapter_fits(model, folder: Path) -> None:
     """Raise ValueError naming every adapter tensor that does not fit `model` (a module it lacks, another size)."""
-    if not (folder / "adapter_config.json").exists():
-        raise ValueError(f"{folder} is not a PEFT adapter folder: it has no adapter_config.json")
     config = json.loads((folder / "adapter_config.json").read_text())
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{folder} holds a {config.get('peft_type')} adapter; load_lora_weights loads LoRA adapters")

@@ -228,6 +228,24 @@ def test_a_bad_adapter_folder_is_named_before_anything_loads(damage, adapter):
         check_adapter(adapter)
 
 
+@pytest.mark.parametrize("damage", list(ADAPTER_CASES))
+def test_the_pipeline_refuses_a_bad_adapter_folder_by_name(damage, adapter, tokenizer):
+    from conftest import tiny_model
+    from diffusers import DDIMScheduler
+
+    from modeling_transfusion import TransfusionPipeline
+
+    model = tiny_model()
+    pipe = TransfusionPipeline(model, DDIMScheduler.from_config(model.config.scheduler_config()), tokenizer)
+    spoil, error, message = ADAPTER_CASES[damage]
+    spoil(adapter)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        pipe.load_lora_weights(adapter)
+    assert not getattr(model, "_hf_peft_config_loaded", False)  # nothing was loaded
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
 def test_evaluate_concept_checks_the_adapter_before_scoring_the_base(adapter, tmp_path, monkeypatch):
     from training import finetune_lora
 

@@ -175,7 +175,7 @@ def test_adapter_for_another_base_model_is_a_clear_error(tokenizer, adapter_dir)
     deeper = make_pipe(tokenizer, tiny_model(0, num_hidden_layers=1))
     with pytest.raises(ValueError, match=r"model.layers.1.*no such layer"):
         deeper.load_lora_weights(folder)
-    with pytest.raises(ValueError, match="not a PEFT adapter folder"):
+    with pytest.raises(FileNotFoundError, match="has no adapter_config.json: it is not a PEFT adapter folder"):
         make_pipe(tokenizer).load_lora_weights(folder.parent)
 
 

@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from modeling_transfusion.lora_transfusion import check_adapter  # noqa: E402  (the CLI checks adapters as the pipeline does)
+
 DEFAULT_BASE = "checkpoints/transfusion-tiny"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # trained in full (not LoRA) with --train-patch-modules: everything on the image path outside the backbone but the VAE
@@ -70,44 +72,6 @@ def load_base(path: str | os.PathLike):
     return model, tokenizer
 
 
-def check_adapter(path: str | os.PathLike) -> Path:
-    """The folder of a PEFT adapter that loads as it should: `adapter_config.json` a JSON object naming its
-    `target_modules`, `adapter_model.safetensors` complete and finite. Raises FileNotFoundError or ValueError naming the
-    folder or file (the pipeline's loader would otherwise fail without the file's name, or load NaN weights)."""
-    from safetensors import SafetensorError, safe_open
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"LoRA adapter folder {folder} not found (it should hold adapter_config.json and "
-                                "adapter_model.safetensors, as python -m training.finetune_lora writes)")  # fmt: skip
-    config_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"LoRA adapter {folder} has no adapter_config.json")
-    try:
-        config = json.loads(config_path.read_text())
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err}); write the adapter again with save_pretrained") from None
-    if not isinstance(config, dict) or not config.get("target_modules"):
-        raise ValueError(f"{config_path} is not a PEFT LoRA config (a JSON object with target_modules)")
-    if not weights.is_file():
-        pickled = [p.name for p in folder.glob("adapter_model.bin")]
-        why = f"{pickled[0]} is a pickle and is never loaded" if pickled else "it is missing"
-        raise FileNotFoundError(f"LoRA adapter {folder} has no adapter_model.safetensors ({why}); save the adapter "
-                                "with safetensors (save_pretrained's default)")  # fmt: skip
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            names = list(f.keys())
-            if not names:
-                raise ValueError(f"{weights} holds no tensors")
-            for name in names:
-                if not torch.isfinite(f.get_tensor(name)).all():
-                    raise ValueError(f"{weights}: tensor {name} holds NaN or infinite values; the adapter is damaged")
-    except (SafetensorError, OSError) as err:  # empty, truncated or not safetensors
-        raise ValueError(f"{weights} is not a readable safetensors file ({type(err).__name__}: {err}); the adapter is "
-                         "damaged or incomplete: write it again") from None  # fmt: skip
-    return folder
-
-
 def check_target_modules(model, targets) -> list[str]:
     """The LoRA targets, validated: each must name a Linear/Conv/Embedding layer of the model outside the VAE."""
     from torch import nn
@@ -115,12 +79,14 @@ def check_target_modules(model, targets) -> list[str]:
     targets = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
     if not targets:
         raise ValueError("no LoRA target modules given")
-    layers = {
-        name.rsplit(".", 1)[-1]
+    names = [
+        name
         for name, module in model.named_modules()
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) and ".vae." not in f".{name}."
-    }
-    unknown = [t for t in targets if t not in layers]
+    ]
+    layers = {name.rsplit(".", 1)[-1] for name in names}
+    # PEFT matches a target by name suffix: "q_proj" (every expert), "self_attn.q_proj" (text), "image_self_attn.q_proj"
+    unknown = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
     if unknown:
         raise ValueError(
             f"Unknown LoRA target module(s) {unknown}: this model's adaptable layers (VAE excluded) are named "
