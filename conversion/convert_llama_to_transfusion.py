@@ -145,7 +145,10 @@ def map_text_weights(source_state: dict, model, source_vocab: int, new_rows: lis
     """Copy the source's text weights into `model` (same names); returns a report. Added-token rows of the embedding
     and output layers start at the mean of the source rows; a missing o_proj bias (Qwen2) is zero."""
     target = model.state_dict()
-    text_keys = [k for k in target if not k.startswith(IMAGE_PREFIXES)]
+    from modeling_transfusion.experts_transfusion import image_expert_pairs
+
+    experts = image_expert_pairs(model)  # MoT: filled from the text weights afterwards (LMFusion's initialisation)
+    text_keys = [k for k in target if not k.startswith(IMAGE_PREFIXES) and k not in experts]
     tied = model.config.tie_word_embeddings
     if tied:
         text_keys = [k for k in text_keys if k != "lm_head.weight"]
@@ -183,7 +186,12 @@ def map_text_weights(source_state: dict, model, source_vocab: int, new_rows: lis
     assert not unexpected, unexpected
     if tied:
         model.tie_weights()
-    return {"copied": len(filled) - len(zeroed), "zero_initialised": zeroed, "added_token_rows": new_rows}
+    report = {"copied": len(filled) - len(zeroed), "zero_initialised": zeroed, "added_token_rows": new_rows}
+    if experts:
+        from modeling_transfusion.experts_transfusion import init_image_experts_from_text
+
+        report["image_experts_copied_from_text"] = init_image_experts_from_text(model)
+    return report
 
 
 def check_folder(path: str | Path, flag: str, what: str) -> Path:
@@ -208,7 +216,8 @@ def load_vae(path: str | Path):
 
 
 def convert(source: str | Path, vae: str | Path | None = None, image_size: int | None = None,
-            patch_size: int | None = None, patch_encoder: str | None = None, dtype: str = "float32"):  # fmt: skip
+            patch_size: int | None = None, patch_encoder: str | None = None, dtype: str = "float32",
+            modality_experts: str = "shared"):  # fmt: skip
     """Source causal-LM folder → (TransfusionForCausalLM, extended tokenizer, report)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -226,7 +235,8 @@ def convert(source: str | Path, vae: str | Path | None = None, image_size: int |
 
     vae_model, vae_config = load_vae(vae) if vae is not None else (None, None)
     config = transfusion_config(source_config, special, vocab_size, vae_config, image_size,
-                                patch_size=patch_size, patch_encoder=patch_encoder)  # fmt: skip
+                                patch_size=patch_size, patch_encoder=patch_encoder,
+                                modality_experts=modality_experts)  # fmt: skip
     model = TransfusionForCausalLM(config)
     source_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     report = map_text_weights(source_model.state_dict(), model, min(original_length, source_config.vocab_size), new_rows)
@@ -252,11 +262,15 @@ def main(argv=None):
     p.add_argument("--patch-size", type=int, help="latent patch size (default: 2)")
     p.add_argument("--patch-encoder", choices=("linear", "unet"), help="patch encoder/decoder (default: linear)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--modality-experts", default="shared", choices=("shared", "mot"),
+                   help="mot: image experts beside the text weights (Mixture-of-Transformers), initialised as copies of "
+                   "them as LMFusion does; train them with training.train --freeze-text")  # fmt: skip
     p.add_argument("--pipeline", action="store_true",
                    help="write a full TransfusionPipeline folder (model, VAE, scheduler, tokenizer, card, remote code)")  # fmt: skip
     args = p.parse_args(argv)
 
-    model, tokenizer, report = convert(args.source, args.vae, args.image_size, args.patch_size, args.patch_encoder, args.dtype)
+    model, tokenizer, report = convert(args.source, args.vae, args.image_size, args.patch_size, args.patch_encoder,
+                                       args.dtype, args.modality_experts)  # fmt: skip
     out = Path(args.output)
     if args.pipeline:
         from conversion.export_pipeline import save_pipeline

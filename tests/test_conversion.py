@@ -350,3 +350,26 @@ def test_a_pt_file_with_objects_is_refused_without_advising_weights_only_false(t
         assert "weights_only=False" not in str(info.value) and info.value.__cause__ is None
     torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "ok.pt")
     assert torch.equal(load_state(tmp_path / "ok.pt")["w"], torch.ones(2))
+
+
+def test_llama_converts_to_mot_with_identical_text_logits_and_copied_image_experts(tmp_path, source_tokenizer):
+    from modeling_transfusion import TransfusionPipeline
+    from modeling_transfusion.experts_transfusion import image_expert_pairs
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(source_tokenizer), bos_token_id=1, eos_token_id=2, **SMALL)
+    source = LlamaForCausalLM(config).eval()
+    folder = save_source(tmp_path / "llama", source, source_tokenizer)
+    out = llama_conv.main(["--source", str(folder), "--output", str(tmp_path / "mot"), "--modality-experts", "mot", "--pipeline"])
+    pipe = TransfusionPipeline.from_pretrained(out)  # the output folder loads with the pipeline
+    model = pipe.transformer.eval()
+    assert model.config.modality_experts == "mot"
+    assert_same_text_logits(source, model, len(source_tokenizer))  # text experts = the source, exactly
+    state = model.state_dict()
+    pairs = image_expert_pairs(model)
+    assert len(pairs) == 9 * config.num_hidden_layers + 1  # q k v o, gate up down, two norms per layer; the final norm
+    for image, text in pairs.items():
+        assert torch.equal(state[image], state[text]), image  # LMFusion: image experts start as the text weights
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["image_experts_copied_from_text"] == len(pairs)
+    assert pipe("a photo", num_inference_steps=2, output_type="latent").images.shape == (1, 4, 8, 8)

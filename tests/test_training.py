@@ -452,3 +452,30 @@ def test_a_full_disk_names_the_file_and_keeps_the_earlier_checkpoint(assets, ref
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(resumed, straight):
         assert {k: a[k] for k in KEYS} == {k: b[k] for k in KEYS}, a["step"]
+
+
+def test_freeze_text_trains_the_image_experts_only_and_keeps_text_bitwise(assets, reference, tmp_path):
+    """LMFusion: a dense text model becomes the text experts of a MoT model (image experts start as copies), and
+    with --freeze-text training on mixed data leaves the text side bit for bit as it was."""
+    from modeling_transfusion.experts_transfusion import image_expert_pairs, text_parameter_names
+
+    out = tmp_path / "lmfusion"
+    train_script.main(flags(assets, out, "--modality-experts", "mot", "--freeze-text", "--init-from",
+                            str(reference / "final"), "--max-steps", "3", "--lr", "1e-2"))  # fmt: skip
+    source = TransfusionForCausalLM.from_pretrained(reference / "final").eval()
+    trained = TransfusionForCausalLM.from_pretrained(out / "final").eval()
+    assert trained.config.modality_experts == "mot"
+    before, after = source.state_dict(), trained.state_dict()
+    text_names = text_parameter_names(trained)
+    assert "model.embed_tokens.weight" in text_names and "model.layers.0.self_attn.q_proj.weight" in text_names
+    for name in text_names:
+        assert torch.equal(after[name], before[name]), name  # frozen: bitwise unchanged
+    experts = image_expert_pairs(trained)
+    moved = [name for name in experts if not torch.equal(after[name], before[experts[name]])]
+    assert len(moved) == len(experts)  # every image expert started as its text weight and trained
+    assert not torch.equal(after["model.patch_decoder.proj_out.weight"], before["model.patch_decoder.proj_out.weight"])
+    ids = torch.tensor([[0, 40, 41, 42, 43]])
+    assert torch.equal(trained(input_ids=ids).logits, source(input_ids=ids).logits)  # text-only: the same model
+
+    with pytest.raises(SystemExit, match="--freeze-text: freezing the text side needs image experts"):
+        train_script.main(flags(assets, tmp_path / "dense", "--freeze-text", "--max-steps", "1"))

@@ -63,6 +63,7 @@ MODEL_FLAGS = {
     "diffusion_loss_weight": "diffusion_loss_weight",
     "caption_drop": "caption_drop_prob",
     "max_position_embeddings": "max_position_embeddings",
+    "modality_experts": "modality_experts",
 }
 
 
@@ -97,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise-limit", type=int, help="an image before its caption gets t < N (paper: 500; the bundled model ends with 100; 0 disables)")
     g.add_argument("--caption-drop", type=float, help="caption dropout probability for classifier-free guidance")
     g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--modality-experts", choices=("shared", "mot"),
+                   help="mot: image copies of attention, MLP and norms for the image slots (Mixture-of-Transformers)")
+    g.add_argument("--freeze-text", action="store_true",
+                   help="(mot) no updates to the text experts, token embedding and LM head: train the image side only, "
+                   "as LMFusion does on a pretrained language model (--init-from it)")
     g.add_argument("--model-kwargs", type=json_object, help='more TransfusionConfig fields as JSON, e.g. \'{"rms_norm_eps": 1e-5}\'')
     g.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa")
     g.add_argument("--gradient-checkpointing", action="store_true")
@@ -353,9 +359,21 @@ def load_initial_weights(model, path: str) -> None:
     folder = folder / "transformer" if (folder / "model_index.json").exists() else folder
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"--init-from {path}: no Transfusion model there (config.json missing in {folder})")
+    from modeling_transfusion.experts_transfusion import image_expert_pairs, init_image_experts_from_text
+
     source = TransfusionForCausalLM.from_pretrained(folder)
+    state = source.state_dict()
+    experts = image_expert_pairs(model)
     try:
-        model.load_state_dict(source.state_dict())
+        if experts and not any(name in state for name in experts):
+            # a dense model into a MoT one (LMFusion): its weights become the text experts, and the image experts
+            # start as copies of them
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if unexpected or set(missing) - set(experts):
+                raise RuntimeError(f"Error(s):\n\tmissing {sorted(set(missing) - set(experts))[:4]}, unexpected {sorted(unexpected)[:4]}")
+            init_image_experts_from_text(model)
+        else:
+            model.load_state_dict(state)
     except RuntimeError as err:
         detail = str(err).split("\n\t")[1] if "\n\t" in str(err) else str(err)
         raise ValueError(f"--init-from {path}: its weights do not fit the model these flags build ({detail}); give "
@@ -418,7 +436,13 @@ def forward_backward(accelerator, model, objective, parts: list[dict]) -> torch.
         part = {k: v.to(accelerator.device, non_blocking=True) for k, v in part.items()}
         with accelerator.no_sync(model) if j < len(parts) - 1 else contextlib.nullcontext():
             out = objective(model, **part, num_items_in_batch=total or None)  # = L_LM share + λ·L_diffusion(part)
-            accelerator.backward(out.loss)
+            loss = out.loss
+            if not loss.requires_grad and j == len(parts) - 1:
+                # text rows with the text side frozen (--freeze-text) have nothing to learn, but the synchronising
+                # backward still runs, so every DDP process reduces the same gradients
+                loss = loss + sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+            if loss.requires_grad:
+                accelerator.backward(loss)
         stats[0] += out.loss.detach().double()
         stats[1] += out.lm_loss.detach().double()
         if out.diffusion_loss is not None:
@@ -469,6 +493,14 @@ def train(args) -> dict:
     if args.init_from and resume_from is None:  # a resumed checkpoint already holds its weights
         load_initial_weights(model, args.init_from)
         say(f"initialised the weights from {args.init_from}")
+    if args.freeze_text:
+        from modeling_transfusion.experts_transfusion import freeze_text
+
+        try:
+            frozen = freeze_text(model)
+        except ValueError as err:
+            raise SystemExit(f"--freeze-text: {err} (--modality-experts mot)") from None
+        say(f"--freeze-text: {len(frozen)} text tensors frozen")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     processor = TransfusionProcessor.from_model_config(tokenizer, config)
