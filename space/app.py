@@ -22,6 +22,7 @@ import os
 import queue
 import secrets
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -31,6 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
+from gradio.utils import get_upload_folder, is_in_or_equal
 import numpy as np
 import PIL.Image
 import torch
@@ -161,6 +163,14 @@ class PipelinePool:
 
 
 # -- input checks ----------------------------------------------------------------------------------------------------
+class InputError(gr.Error):
+    """A handled problem with a request's input: shown to the user, logged as one line (no traceback)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, print_exception=False)
+        print(f"refused a request: {message}", file=sys.stderr, flush=True)
+
+
 def check_number(value, name: str, low: float, high: float, integer: bool = False):
     """A raw UI/API value → int or float in [low, high], or a gr.Error naming the value and the range."""
     kind = "a whole number" if integer else "a number"
@@ -169,9 +179,9 @@ def check_number(value, name: str, low: float, high: float, integer: bool = Fals
     except (TypeError, ValueError):
         number = math.nan
     if not math.isfinite(number) or (integer and number != int(number)):
-        raise gr.Error(f"{name} must be {kind} from {low:g} to {high:g}, got {value!r}.")
+        raise InputError(f"{name} must be {kind} from {low:g} to {high:g}, got {value!r}.")
     if not low <= number <= high:
-        raise gr.Error(f"{name} must be from {low:g} to {high:g}, got {number:g}.")
+        raise InputError(f"{name} must be from {low:g} to {high:g}, got {number:g}.")
     return int(number) if integer else number
 
 
@@ -179,13 +189,38 @@ def check_text(value, name: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise gr.Error(f"{name} must be text, got {type(value).__name__}.")
+        raise InputError(f"{name} must be text, got {type(value).__name__}.")
     return " ".join(value.split())
 
 
+class NotUploadedError(InputError):
+    """A file the request names that gradio did not receive (a server path, a special file)."""
+
+
+NOT_UPLOADED = "The image file was not uploaded to this server; upload the image itself (gradio_client: handle_file(path))."
+
+
 def upload_path(file) -> str | None:
-    """A FileData dict (unprocessed input) or a plain path."""
-    return file.get("path") if isinstance(file, dict) else file
+    """The server path of a file gradio received for a request (in its upload folder), or InputError.
+
+    Inputs reach the handlers unprocessed, so a client can name any server path, with or without gradio's `meta`
+    marker; gradio's own rule for inputs (only files in its upload folder) is applied here. A path outside it gets
+    one answer whether or not it exists, and only a regular file is ever opened (a FIFO or device would block)."""
+    path = file.get("path") if isinstance(file, dict) else file
+    if path is None or path == "":
+        return None
+    if not isinstance(path, str):
+        raise InputError(f"An image must be an uploaded file, got {type(path).__name__}.")
+    real = os.path.realpath(path)  # symlinks and '..' resolved before the check
+    if not is_in_or_equal(real, os.path.realpath(get_upload_folder())):
+        raise NotUploadedError(NOT_UPLOADED)
+    try:
+        mode = os.stat(real).st_mode
+    except OSError:
+        raise InputError("The uploaded file is no longer on the server; upload it again.") from None
+    if not stat.S_ISREG(mode):
+        raise NotUploadedError(NOT_UPLOADED)
+    return real
 
 
 def to_model_image(image: PIL.Image.Image, processor) -> tuple[PIL.Image.Image, str]:
@@ -210,23 +245,23 @@ def read_image(file, processor) -> tuple[PIL.Image.Image, str]:
     """An uploaded file → a model-ready image and a note, or a gr.Error saying why it cannot be read."""
     path = upload_path(file)
     if not path:
-        raise gr.Error("Upload an image first.")
+        raise InputError("Upload an image first.")
     try:
         megabytes = os.path.getsize(path) / 2**20
     except OSError:
-        raise gr.Error("The uploaded file is no longer on the server; upload it again.") from None
+        raise InputError("The uploaded file is no longer on the server; upload it again.") from None
     if megabytes > MAX_UPLOAD_MB:
-        raise gr.Error(f"The upload is {megabytes:.1f} MB; the limit is {MAX_UPLOAD_MB} MB.")
+        raise InputError(f"The upload is {megabytes:.1f} MB; the limit is {MAX_UPLOAD_MB} MB.")
     try:
         with PIL.Image.open(path) as image:  # reads the header only: the size is checked before decoding
             if max(image.size) > MAX_SIDE:
-                raise gr.Error(f"The image is {image.width}×{image.height} px; the limit is {MAX_SIDE} px per side.")
+                raise InputError(f"The image is {image.width}×{image.height} px; the limit is {MAX_SIDE} px per side.")
             image.load()
             return to_model_image(image, processor)
     except gr.Error:
         raise
     except Exception as err:  # a user's file can fail in many ways (truncated, not an image, decompression bomb)
-        raise gr.Error(
+        raise InputError(
             f"Could not read the upload as an image ({type(err).__name__}: {err}). Upload a PNG, JPEG, WebP, GIF "
             "or BMP file."
         ) from None
@@ -261,7 +296,7 @@ def stream_run(pool: PipelinePool, run, preview_every: int):
             if event[0] == "error":
                 error = event[1]
                 if isinstance(error, ValueError) and not isinstance(error, gr.Error):
-                    raise gr.Error(str(error)) from error
+                    raise InputError(str(error)) from error
                 raise error
             yield event
             if event[0] == "done":
@@ -291,7 +326,7 @@ class TransfusionSpace:
             if type(loaded) is cls and all(loaded.config.get(k) == v for k, v in overrides.items())
         ]  # the checkpoint's own sampler, variant included
         self.default_scheduler = matches[0] if matches else next(iter(self.schedulers))
-        self.default_steps = int(pipe.scheduler.config.get("default_inference_steps") or 25)
+        self.default_steps = int(pipe.config.get("default_inference_steps") or 25)  # what pipe(...) itself uses
         self.image_cost = self.config.image_slots + 2  # <|boi|> slots <|eoi|>
 
     # helpers
@@ -307,7 +342,7 @@ class TransfusionSpace:
         limit = self.config.max_position_embeddings - self.image_cost - 1
         n = self.count_tokens(text)
         if n > limit:
-            raise gr.Error(f"{name} is {n} tokens long; this model takes at most {limit}.")
+            raise InputError(f"{name} is {n} tokens long; this model takes at most {limit}.")
 
     def save_image(self, image: PIL.Image.Image) -> str:
         """A PNG for the chat; files older than an hour (long since copied by gradio) are removed on the way."""
@@ -324,16 +359,20 @@ class TransfusionSpace:
         return secrets.randbelow(MAX_SEED + 1) if seed == -1 else seed
 
     # text → image
-    def generate(self, prompt, negative_prompt, steps, guidance, seed, scheduler, num_images, progress=gr.Progress()):
+    def generate(self, prompt, negative_prompt="", steps=None, guidance=3.0, seed=0, scheduler=None, num_images=1,
+                 progress=gr.Progress()):  # fmt: skip
+        """API defaults: no negative prompt, the checkpoint's own step count and scheduler, guidance 3, seed 0, one image."""
+        steps = self.default_steps if steps is None else steps
+        scheduler = self.default_scheduler if scheduler is None else scheduler
         prompt = check_text(prompt, "Prompt")
         if not prompt:
-            raise gr.Error("Enter a prompt, e.g. 'a red circle'.")
+            raise InputError("Enter a prompt, e.g. 'a red circle'.")
         negative_prompt = check_text(negative_prompt, "Negative prompt")
         steps = check_number(steps, "Steps", 1, MAX_STEPS, integer=True)
         guidance = check_number(guidance, "Guidance scale", 0, MAX_GUIDANCE)
         num_images = check_number(num_images, "Number of images", 1, MAX_IMAGES, integer=True)
         if scheduler not in self.schedulers:
-            raise gr.Error(f"Scheduler must be one of {', '.join(self.schedulers)}, got {scheduler!r}.")
+            raise InputError(f"Scheduler must be one of {', '.join(self.schedulers)}, got {scheduler!r}.")
         self.check_prompt_length(prompt, "The prompt")
         self.check_prompt_length(negative_prompt, "The negative prompt")
         seed = self.seed(seed)
@@ -367,7 +406,7 @@ class TransfusionSpace:
         )
 
     # image → text
-    def caption(self, image, prompt, max_new_tokens):
+    def caption(self, image, prompt="", max_new_tokens=32):
         picture, note = read_image(image, self.pipe.processor)
         prompt = check_text(prompt, "Text prefix")
         max_new_tokens = check_number(max_new_tokens, "Max new tokens", 1, MAX_NEW_TOKENS, integer=True)
@@ -391,6 +430,8 @@ class TransfusionSpace:
                 elif isinstance(part, dict) and (part.get("type") == "file" or "path" in part):
                     try:
                         items.append(read_image(part.get("file", part), self.pipe.processor)[0])
+                    except NotUploadedError:
+                        raise  # a history may only hold images this server received or made
                     except gr.Error:
                         pass  # an earlier image that is gone or unreadable is left out of the context
         merged = []
@@ -411,20 +452,22 @@ class TransfusionSpace:
     def chat(
         self,
         message,
-        history,
-        max_new_tokens,
-        max_images,
-        steps,
-        guidance,
-        temperature,
-        seed,
+        history=None,
+        max_new_tokens=48,
+        max_images=1,
+        steps=None,
+        guidance=3.0,
+        temperature=0.0,
+        seed=0,
         progress=gr.Progress(),
     ):
+        history = [] if history is None else history
+        steps = self.default_steps if steps is None else steps
         message = message if isinstance(message, dict) else {"text": message, "files": []}
         text = check_text(message.get("text"), "Message")
         files = list(message.get("files") or [])
         if not text and not files:
-            raise gr.Error("Type a message or attach an image.")
+            raise InputError("Type a message or attach an image.")
         max_new_tokens = check_number(max_new_tokens, "Max new tokens", 1, MAX_NEW_TOKENS, integer=True)
         max_images = check_number(max_images, "Images per reply", 0, MAX_CHAT_IMAGES, integer=True)
         steps = check_number(steps, "Steps", 1, MAX_STEPS, integer=True)
@@ -432,11 +475,11 @@ class TransfusionSpace:
         temperature = check_number(temperature, "Temperature", 0, MAX_TEMPERATURE)
         seed = self.seed(seed)
         if not isinstance(history, list):
-            raise gr.Error("The chat history must be a list of messages.")
+            raise InputError("The chat history must be a list of messages.")
         pictures = [read_image(f, self.pipe.processor)[0] for f in files]
         budget = self.config.max_position_embeddings - 1 - max_new_tokens - max_images * self.image_cost
         if budget < sum(self.image_cost for _ in pictures) + (self.count_tokens(text) if text else 0):
-            raise gr.Error(
+            raise InputError(
                 f"The message does not fit in this model's {self.config.max_position_embeddings} positions with "
                 f"{max_new_tokens} new tokens and {max_images} images; shorten it or lower those settings."
             )
@@ -497,15 +540,15 @@ def build_demo(pipe, concurrency: int = 2, model_name: str | None = None) -> gr.
             with gr.Row():
                 with gr.Column():
                     prompt = gr.Textbox(label="Prompt", placeholder="a red circle", elem_id="prompt")
-                    negative = gr.Textbox(label="Negative prompt", placeholder="optional", elem_id="negative-prompt")
+                    negative = gr.Textbox("", label="Negative prompt", placeholder="optional", elem_id="negative-prompt")
                     with gr.Row():
-                        steps = gr.Slider(1, MAX_STEPS, value=space.default_steps, step=1, label="Steps")
+                        steps = gr.Slider(1, MAX_STEPS, value=space.default_steps, step=1, precision=0, label="Steps")
                         guidance = gr.Slider(0, MAX_GUIDANCE, value=3.0, step=0.1, label="Guidance scale")
                     with gr.Row():
                         scheduler = gr.Dropdown(
                             list(space.schedulers), value=space.default_scheduler, label="Scheduler"
                         )
-                        num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="Number of images")
+                        num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, precision=0, label="Number of images")
                     seed = gr.Number(0, label="Seed (-1: random)", precision=0, minimum=-1, maximum=MAX_SEED)
                     with gr.Row():
                         generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
@@ -514,7 +557,7 @@ def build_demo(pipe, concurrency: int = 2, model_name: str | None = None) -> gr.
                     gallery = gr.Gallery(
                         label="Images", columns=4, height=360, object_fit="contain", format="png", elem_id="gallery"
                     )
-                    status = gr.Markdown(elem_id="generate-status")
+                    status = gr.Markdown(label="Status", elem_id="generate-status")
             gr.Examples([[e] for e in EXAMPLES], inputs=[prompt], label="Example prompts")
             generating = gr.on(
                 [generate_btn.click, prompt.submit],
@@ -537,12 +580,12 @@ def build_demo(pipe, concurrency: int = 2, model_name: str | None = None) -> gr.
                         height=320,
                         elem_id="caption-image",
                     )
-                    prefix = gr.Textbox(label="Text prefix (optional)", placeholder="a photo of a")
-                    caption_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=32, step=1, label="Max new tokens")
+                    prefix = gr.Textbox("", label="Text prefix (optional)", placeholder="a photo of a")
+                    caption_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=32, step=1, precision=0, label="Max new tokens")
                     caption_btn = gr.Button("Caption", variant="primary", elem_id="caption-btn")
                 with gr.Column():
                     caption_out = gr.Textbox(label="Caption", lines=2, interactive=False, elem_id="caption-output")
-                    caption_note = gr.Markdown(elem_id="caption-status")
+                    caption_note = gr.Markdown(label="Image note", elem_id="caption-status")
             gr.on(
                 [caption_btn.click, image.upload],
                 space.caption,
@@ -555,6 +598,7 @@ def build_demo(pipe, concurrency: int = 2, model_name: str | None = None) -> gr.
         with gr.Tab("Chat"):
             chatbot = gr.Chatbot(label="Conversation", height=440, elem_id="chatbot")
             chat_input = gr.MultimodalTextbox(
+                label="Message",
                 placeholder="Ask for a picture ('a red circle') or attach one and ask about it",
                 file_types=["image"],
                 file_count="multiple",
@@ -564,11 +608,11 @@ def build_demo(pipe, concurrency: int = 2, model_name: str | None = None) -> gr.
             )
             with gr.Accordion("Settings", open=False):
                 with gr.Row():
-                    chat_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=48, step=1, label="Max new tokens")
-                    chat_images = gr.Slider(0, MAX_CHAT_IMAGES, value=1, step=1, label="Images per reply")
+                    chat_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=48, step=1, precision=0, label="Max new tokens")
+                    chat_images = gr.Slider(0, MAX_CHAT_IMAGES, value=1, step=1, precision=0, label="Images per reply")
                     chat_temperature = gr.Slider(0, MAX_TEMPERATURE, value=0, step=0.05, label="Temperature")
                 with gr.Row():
-                    chat_steps = gr.Slider(1, MAX_STEPS, value=space.default_steps, step=1, label="Steps")
+                    chat_steps = gr.Slider(1, MAX_STEPS, value=space.default_steps, step=1, precision=0, label="Steps")
                     chat_guidance = gr.Slider(0, MAX_GUIDANCE, value=3.0, step=0.1, label="Guidance scale")
                     chat_seed = gr.Number(0, label="Seed (-1: random)", precision=0, minimum=-1, maximum=MAX_SEED)
             chat_settings = [chat_tokens, chat_images, chat_steps, chat_guidance, chat_temperature, chat_seed]

@@ -1,0 +1,126 @@
+"""The Space's API from outside: files it never received are not read (no server file can be captioned, no answer
+tells whether a path exists, a FIFO blocks nothing), optional inputs are optional, outputs are named, integers are
+integers, handled input errors log one line. After every bad request a normal one still succeeds."""
+
+import os
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from test_space import drawing_pipeline, serve
+
+NOT_UPLOADED = "image file was not uploaded to this server"
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("space-model") / "transfusion-tiny"
+    drawing_pipeline(tokenizer).save_pretrained(folder)
+    log = tmp_path_factory.mktemp("space-log") / "app.log"
+    with serve(folder, log) as url:
+        yield Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads"))), log
+
+
+@pytest.fixture()
+def client(server):
+    return server[0]
+
+
+@pytest.fixture()
+def picture(tmp_path):
+    path = tmp_path / "picture.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def still_serves(client, picture):
+    caption, note = client.predict(handle_file(str(picture)), "", 3, api_name="/caption")
+    assert isinstance(caption, str) and note == "32×32 RGB, used as is"
+
+
+def raw_file(path) -> dict:
+    """A file given by its server path, without gradio's `meta` marker: gradio's own upload check never sees it."""
+    return {"path": str(path)}
+
+
+def test_a_server_file_that_was_not_uploaded_is_never_read(client, picture, tmp_path):
+    secret = tmp_path / "secret.png"  # a PNG on the server, outside gradio's upload folder
+    PIL.Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8)).save(secret)
+    answers = []
+    for path in (secret, tmp_path / "missing.png", "/etc/passwd"):
+        with pytest.raises(AppError) as info:
+            client.predict(raw_file(path), "", 3, api_name="/caption")
+        answers.append(str(info.value))
+        still_serves(client, picture)
+    assert all(NOT_UPLOADED in a for a in answers), answers
+    assert len(set(answers)) == 1  # an existing and a missing path get the same answer: no oracle
+
+
+def test_a_fifo_path_returns_at_once_and_blocks_no_worker(client, picture, tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    start = time.monotonic()
+    with pytest.raises(AppError, match=NOT_UPLOADED):
+        client.predict(raw_file(fifo), "", 3, api_name="/caption")
+    assert time.monotonic() - start < 30
+    still_serves(client, picture)
+
+
+def test_chat_cannot_smuggle_a_server_file(client, picture, tmp_path):
+    secret = tmp_path / "secret.png"
+    PIL.Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8)).save(secret)
+    settings = (4, 0, 2, 3.0, 0.0, 0)
+    # (an attachment given as a bare path is refused by gradio's own MultimodalData validation)
+    with pytest.raises(AppError, match="meta"):
+        client.predict({"text": "what is this?", "files": [str(secret)]}, [], *settings, api_name="/chat")
+    still_serves(client, picture)
+    history = [{"role": "user", "content": [{"type": "file", "file": {"path": str(secret)}}]},  # an image in the history
+               {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]  # fmt: skip
+    with pytest.raises(AppError, match="meta"):  # refused by gradio's ChatbotDataMessages validation
+        client.predict({"text": "what is this?", "files": []}, history, *settings, api_name="/chat")
+    still_serves(client, picture)
+
+
+def test_history_images_must_be_uploads(tmp_path):
+    """Behind gradio's validation, the app's own rule holds too: a history image outside the upload folder is refused
+    (not silently left out), one that was uploaded but is gone is left out."""
+    import test_space
+
+    app = test_space.load_app()
+    secret = tmp_path / "secret.png"
+    PIL.Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(secret)
+    with pytest.raises(app.NotUploadedError, match=NOT_UPLOADED):
+        app.upload_path({"path": str(secret)})
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(app.NotUploadedError):
+        app.upload_path({"path": str(tmp_path / "fifo")})
+
+
+def test_optional_inputs_named_outputs_and_integer_types(client, picture):
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    generate = {p["parameter_name"]: p for p in api["/generate"]["parameters"]}
+    assert generate["negative_prompt"]["parameter_has_default"]
+    for name in ("steps", "seed", "num_images"):
+        assert generate[name]["type"]["type"] == "integer", (name, generate[name]["type"])
+    caption = {p["parameter_name"]: p for p in api["/caption"]["parameters"]}
+    assert caption["prompt"]["parameter_has_default"] and caption["max_new_tokens"]["type"]["type"] == "integer"
+    for endpoint in ("/generate", "/caption", "/chat"):
+        labels = [r["label"] for r in api[endpoint]["returns"]]
+        assert all(label and not label.startswith("value_") for label in labels), (endpoint, labels)
+    images, status = client.predict("a photo of a dress", api_name="/generate")  # every other input optional
+    assert len(images) >= 1 and "steps" in status
+    caption_text, _ = client.predict(handle_file(str(picture)), api_name="/caption")
+    assert isinstance(caption_text, str)
+
+
+def test_handled_input_errors_log_one_line_not_a_traceback(server, picture):
+    client, log = server
+    before = log.read_text()
+    with pytest.raises(AppError, match="Steps must be"):
+        client.predict("a red circle", "", 0, 3.0, 0, "DDIM", 1, api_name="/generate")
+    still_serves(client, picture)
+    added = log.read_text()[len(before):]
+    assert "Traceback" not in added and "Steps must be" in added, added
