@@ -4,9 +4,18 @@ what is allowed, before it can fail deep inside torch or pass silently as NaN.
 Shape legend as in modeling_transfusion.py (B batch, L tokens in this call, N images, C×h×w latents).
 """
 
+import json
+import numbers
+from pathlib import Path
+
 import torch
 
-from .configuration_transfusion import TransfusionConfig
+# (the config is only a type here: diffusers copies a remote pipeline's direct imports, not theirs)
+TransfusionConfig = "TransfusionConfig"
+
+# Bounds of a pipeline call: past them a call is a typo or minutes of sampling, not a request.
+MAX_INFERENCE_STEPS = 1000
+MAX_IMAGES_PER_CALL = 64
 
 
 def _shape(x) -> str:
@@ -131,33 +140,126 @@ def nonfinite_weights(model: torch.nn.Module) -> list[str]:
     return [name for name, t in tensors if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all()]
 
 
-# -- checkpoints ------------------------------------------------------------------------------------------------
-def check_local_folder(name_or_path, subfolder: str = "") -> None:
-    """A path that names a local folder must be one with a config.json; a Hub repo id passes through."""
-    from pathlib import Path
+# -- pipeline arguments -------------------------------------------------------------------------------------------
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
+
+def check_integer(name: str, value, low: int, high: int | None = None, note: str = "") -> None:
+    """An integer (not a bool or a float) in [low, high]."""
+    if not _is_integer(value) or value < low or (high is not None and value > high):
+        bound = f"≥ {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an integer {bound}{note}, got {value!r}")
+
+
+def check_number(name: str, value, low: float = 0.0, note: str = "") -> None:
+    """A finite real number (not a bool or a string) ≥ low."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not real or value != value or abs(value) == float("inf") or value < low:
+        raise ValueError(f"{name} must be a finite number ≥ {low:g}{note}, got {value!r}")
+
+
+def check_image_size(name: str, value, size: int, grid: int) -> None:
+    """A pixel height or width: an integer on the patch grid equal to the model's image size."""
+    if not _is_integer(value):
+        raise ValueError(f"{name} must be an integer number of pixels ({size} for this model), got {value!r}")
+    if value % grid:
+        raise ValueError(f"{name}={value} is off the patch grid: it must be a multiple of {grid} (VAE × patch)")
+    if value != size:
+        raise ValueError(f"{name}={value}: this model generates {size}×{size} images")
+
+
+def check_generator(generator, images: int, allow_list: bool = True) -> None:
+    """None, one torch.Generator, or (where allowed) a list with one per image."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if allow_list and isinstance(generator, list) and len(generator) == images:
+        if all(isinstance(g, torch.Generator) for g in generator):
+            return
+    got = type(generator).__name__
+    if isinstance(generator, list):
+        got = f"a list of {len(generator)} {sorted({type(g).__name__ for g in generator})}"
+    if not allow_list:
+        raise ValueError(f"generator must be a torch.Generator or None, got {got}")
+    raise ValueError(f"generator must be a torch.Generator, or a list of {images} (one per image), got {got}")
+
+
+def check_latents(latents, shape: tuple) -> None:
+    """Initial noise: a finite tensor of the batch's latent shape."""
+    if latents is None:
+        return
+    if not isinstance(latents, torch.Tensor):
+        raise ValueError(f"latents must be a torch.Tensor of shape {shape}, got {type(latents).__name__}")
+    if tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+    if not torch.isfinite(latents).all():
+        raise ValueError("latents contain NaN or infinite values")
+
+
+def check_row_lengths(name: str, lengths, limit: int, positions: int, reserve: int = 0) -> None:
+    """Every encoded row (its length in tokens) leaves room for `reserve` more positions (an image's slots)."""
+    for i, length in enumerate(int(n) for n in lengths):
+        if length + reserve > limit:
+            room = f"with the {reserve} positions an image needs, it must be at most {limit - reserve}" if reserve else (
+                f"it must be shorter than {limit}")  # fmt: skip
+            raise ValueError(f"{name} {i} is {length} tokens long: {room} (max_position_embeddings={positions})")
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------
+def check_local_folder(name_or_path, subfolder: str = "", marker: str = "config.json", what: str = "saved model folder") -> None:
+    """A path that names a local folder must be one with its `marker` file; a Hub repo id passes through."""
     text = str(name_or_path)
     path = Path(text) / subfolder if subfolder else Path(text)
     local = Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
     if not local:
         return
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a folder: pass a saved model folder (with config.json) or a Hub repo id")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: it is not a saved model folder")
+        raise FileNotFoundError(f"{path} is not a folder: pass a {what} (with {marker}) or a Hub repo id")
+    if not (path / marker).is_file():
+        raise FileNotFoundError(f"{path} has no {marker}: it is not a {what}")
+
+
+def check_pipeline_folder(root) -> None:
+    """A local pipeline folder, before diffusers reads it: model_index.json and every JSON file under it parse, each
+    component it lists has its folder, and the scheduler classes it names exist in diffusers."""
+    check_local_folder(root, marker="model_index.json", what="saved pipeline folder")
+    root = Path(str(root))
+    if not root.is_dir():
+        return  # a Hub repo id
+    for path in sorted(root.glob("*.json")) + sorted(root.glob("*/*.json")):
+        try:
+            json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(
+                f"{path.relative_to(root)} cannot be read as JSON ({error}) in {root}: the folder is damaged; re-save it"
+            ) from None
+    import diffusers
+
+    index = json.loads((root / "model_index.json").read_text())
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or None in entry:
+            continue
+        if not (root / name).is_dir():
+            raise FileNotFoundError(f"{root} has no {name} folder (model_index.json lists a {entry[1]} there)")
+    scheduler = root / "scheduler" / "scheduler_config.json"
+    names = [("model_index.json", (index.get("scheduler") or [None, None])[1])]
+    if scheduler.is_file():
+        names.append(("scheduler/scheduler_config.json", json.loads(scheduler.read_text()).get("_class_name")))
+    for file, class_name in names:
+        if class_name is not None and not hasattr(diffusers, str(class_name)):
+            raise ValueError(
+                f"{file} names the scheduler class {class_name!r}, which diffusers does not have; name one of "
+                "diffusers' schedulers (e.g. DDIMScheduler)"
+            )
 
 
 def weight_files(folder, subfolder: str = "") -> str:
-    from pathlib import Path
-
     path = Path(str(folder)) / subfolder
     return ", ".join(sorted(p.name for p in path.glob("*.safetensors"))) if path.is_dir() else str(folder)
 
 
 def damaged_files(folder) -> str:
     """Names of the .safetensors files in a local folder that cannot be opened."""
-    from pathlib import Path
-
     from safetensors import safe_open
 
     damaged = []
@@ -171,5 +273,7 @@ def damaged_files(folder) -> str:
     return "; ".join(damaged)
 
 
-__all__ = ["check_ids", "check_attention_mask", "check_image_inputs", "check_pixels", "check_labels", "nonfinite_weights", "check_local_folder",
-           "weight_files", "damaged_files"]
+__all__ = ["check_ids", "check_attention_mask", "check_image_inputs", "check_pixels", "check_labels", "nonfinite_weights",
+           "check_integer", "check_number", "check_image_size", "check_generator", "check_latents", "check_row_lengths",
+           "check_local_folder", "check_pipeline_folder", "weight_files", "damaged_files", "MAX_INFERENCE_STEPS",
+           "MAX_IMAGES_PER_CALL"]

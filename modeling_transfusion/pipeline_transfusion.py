@@ -25,6 +25,18 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import DynamicCache
 from transformers.dynamic_module_utils import get_relative_import_files
 
+from .checks_transfusion import (
+    MAX_IMAGES_PER_CALL,
+    MAX_INFERENCE_STEPS,
+    _is_integer,
+    check_generator,
+    check_image_size,
+    check_integer,
+    check_latents,
+    check_number,
+    check_pipeline_folder,
+    check_row_lengths,
+)
 from .lora_transfusion import TransfusionLoraLoaderMixin
 from .processing_transfusion import TransfusionProcessor
 
@@ -129,40 +141,50 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
 
     # -- inputs --------------------------------------------------------------------------------------------------------
     def check_inputs(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, latents, n,
-                     output_type, callback_on_step_end_tensor_inputs):  # fmt: skip
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
+                     generator, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs):  # fmt: skip
+        """Every argument of `__call__`, before any work; returns the prompts and negative prompts as lists."""
+        c = self.transformer.config
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt must be a non-empty string or list of strings, got {prompt!r}")
         negatives = None
         if negative_prompt is not None:
             negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
-            if not isinstance(negatives, list) or len(negatives) not in (1, len(prompt)):
-                raise ValueError(f"negative_prompt must be a string or a list of {len(prompt)} strings")
-            negatives = negatives * (len(prompt) // len(negatives))  # one per prompt
-        grid = self.transformer.config.vae_downsample * self.transformer.config.patch_size
+            if not isinstance(negatives, list) or len(negatives) not in (1, len(prompts)) or not all(
+                    isinstance(p, str) for p in negatives):  # fmt: skip
+                raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings, got {negative_prompt!r}")
+            negatives = negatives * (len(prompts) // len(negatives))  # one per prompt
         for name, value in (("height", height), ("width", width)):
-            if value % grid:
-                raise ValueError(f"{name}={value} is off the patch grid: it must be a multiple of {grid} (VAE × patch)")
-            if value != self.image_size:
-                raise ValueError(f"{name}={value}: this model generates {self.image_size}×{self.image_size} images")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be ≥ 0 (1 = no guidance), got {guidance_scale}")
-        if n < 1:
-            raise ValueError(f"num_images_per_prompt must be ≥ 1, got {n}")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be one of 'pil', 'np', 'pt', 'latent', got {output_type!r}")
+            check_image_size(name, value, self.image_size, c.vae_downsample * c.patch_size)
+        check_integer("num_inference_steps", num_inference_steps, 1, MAX_INFERENCE_STEPS)
+        check_number("guidance_scale", guidance_scale, note=" (1 or less = no guidance)")
+        most = MAX_IMAGES_PER_CALL
+        check_integer("num_images_per_prompt", n, 1, most, note=" (call again for more)" * (_is_integer(n) and n > most))
+        if len(prompts) * n > most:
+            raise ValueError(f"{len(prompts)} prompts × num_images_per_prompt={n} = {len(prompts) * n} images: one call "
+                             f"makes at most {most}; call again for more")  # fmt: skip
+        check_generator(generator, len(prompts) * n)
+        check_latents(latents, (len(prompts) * n, c.latent_channels, c.latent_size, c.latent_size))
+        self._check_output_type(output_type)
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise ValueError(f"callback_on_step_end must be callable (pipe, step, timestep, tensors) → dict, got {callback_on_step_end!r}")
         bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(bad)} not in {self._callback_tensor_inputs}")
-        if latents is not None:
-            c = self.transformer.config
-            shape = (len(prompt) * n, c.latent_channels, c.latent_size, c.latent_size)
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        return prompt, negatives
+        for name, texts in (("prompt", prompts), ("negative_prompt", negatives or [])):
+            self._check_lengths(name, self.processor([[t] for t in texts], append_boi=True) if texts else None, c.image_slots)
+        return prompts, negatives
+
+    @staticmethod
+    def _check_output_type(output_type):
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be one of 'pil', 'np', 'pt', 'latent', got {output_type!r}")
+
+    def _check_lengths(self, name, encoded, reserve=0):
+        """Every row of the processor's `encoded` output fits the model's positions with `reserve` to spare."""
+        if encoded is not None:
+            positions = self.transformer.config.max_position_embeddings
+            check_row_lengths(name, encoded["attention_mask"].sum(1), positions, positions, reserve)
 
     def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None, do_cfg: bool):
         """The processor's generation rows `<|bos|> prompt <|boi|>` (then the unconditional/negative rows when
@@ -303,12 +325,13 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
                 and change `pipe._guidance_scale` (≤ 1 ends guidance for the remaining steps).
         """
         # 1. check inputs
-        height, width = height or self.image_size, width or self.image_size
+        height = self.image_size if height is None else height
+        width = self.image_size if width is None else width
         if num_inference_steps is None:
             num_inference_steps = self.config.get("default_inference_steps") or 50
         prompts, negatives = self.check_inputs(prompt, negative_prompt, height, width, num_inference_steps,
-                                               guidance_scale, latents, num_images_per_prompt, output_type,
-                                               callback_on_step_end_tensor_inputs)  # fmt: skip
+                                               guidance_scale, latents, num_images_per_prompt, generator, output_type,
+                                               callback_on_step_end, callback_on_step_end_tensor_inputs)  # fmt: skip
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = None if negatives is None else [p for p in negatives for _ in range(num_images_per_prompt)]
         # 2. timesteps (they set the scheduler's initial noise scale)
@@ -339,8 +362,13 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
         images = images if isinstance(images, (list, tuple)) else [images]
         if not images:
             raise ValueError("caption() needs at least one image")
+        if prompt is not None and not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string or None, got {prompt!r}")
         rows = [[image, prompt] if prompt else [image] for image in images]
         enc = self.processor(rows, padding_side="left").to(self._execution_device)
+        self._check_lengths("caption row", enc)
+        left = self.transformer.config.max_position_embeddings - enc["input_ids"].shape[1]
+        check_integer("max_new_tokens", max_new_tokens, 1, left, note=" (the positions left after the image)")
         ids = self.processor.special_ids
         out = self.transformer.generate(
             input_ids=enc["input_ids"],
@@ -380,12 +408,24 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
         """
         batched = isinstance(prompt, list) and any(isinstance(row, list) for row in prompt)
         rows = prompt if batched else [prompt]
+        if not isinstance(prompt, (str, list)):
+            raise ValueError("prompt must be a string, a list of strings and images (one row) or a list of rows, got "
+                             f"{type(prompt).__name__}")  # fmt: skip
         if not rows or any(row == [] or row == "" for row in rows):
             raise ValueError("prompt must not be empty")
         if num_inference_steps is None:
             num_inference_steps = self.config.get("default_inference_steps") or 50
+        positions = self.transformer.config.max_position_embeddings
+        check_integer("max_new_tokens", max_new_tokens, 1, positions)
+        check_integer("max_images", max_images, 0)
+        check_integer("num_inference_steps", num_inference_steps, 1, MAX_INFERENCE_STEPS)
+        check_number("guidance_scale", guidance_scale, note=" (1 or less = no guidance)")
+        check_number("temperature", temperature, note=" (0 = greedy)")
+        check_generator(generator, len(rows), allow_list=False)
+        self._check_output_type(output_type)
         model, ids, device = self.transformer, self.processor.special_ids, self._execution_device
         enc = self.processor(rows if batched else rows[0], padding_side="left").to(device)
+        self._check_lengths("prompt row", enc)
         known = model.encode_images(enc["pixel_values"].to(model.dtype)) if "pixel_values" in enc else None
         # the prompt runs through generate's first step; keep the last token uncached, as generate expects
         prefix = self.prefill(enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1], known)
@@ -463,6 +503,7 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
         (pipeline and model) and asks for `trust_remote_code`. A local folder whose code files are byte-identical to
         this package's runs nothing foreign, so that trust is given here; a local folder with other code is refused
         with the files named (refresh them, or pass trust_remote_code=True to run the folder's own code)."""
+        check_pipeline_folder(pretrained_model_name_or_path)
         if "trust_remote_code" not in kwargs and Path(str(pretrained_model_name_or_path)).is_dir():
             stale = _stale_code_files(pretrained_model_name_or_path)
             if stale:

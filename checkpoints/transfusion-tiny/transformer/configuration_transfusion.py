@@ -2,6 +2,7 @@
 
 import copy
 import math
+from pathlib import Path
 
 from transformers import PreTrainedConfig
 
@@ -178,6 +179,19 @@ class TransfusionConfig(PreTrainedConfig):
         self.vae_config = dict(self.vae_config)
         super().__post_init__(**kwargs)
         self._validate_transfusion()
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """transformers' reader, refusing another model's config (it only warns, then builds a wrong model)."""
+        where = Path(str(pretrained_model_name_or_path)) / kwargs.get("subfolder", "") / "config.json"
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"{where} has model_type {model_type!r}: this is not a Transfusion model (model_type "
+                f"{cls.model_type!r}); convert a Llama-family model with python -m conversion.convert_llama_to_transfusion"
+            )
+        return config_dict, kwargs
 
     def _validate_transfusion(self):
         def fail(field, value, allowed):

@@ -28,8 +28,12 @@ def prepare_image(image, image_size: int, background=(0, 0, 0)) -> tuple[PIL.Ima
 
     Raises ValueError naming the problem for what cannot be converted (type, dtype, mode, an empty image)."""
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3):
-            raise ValueError(f"A numpy image must be uint8 HW or HWC, got dtype {image.dtype} shape {image.shape}")
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise ValueError(
+                f"A numpy image must be uint8 HW or HWC with 1, 3 or 4 channels, got dtype {image.dtype} shape {image.shape}"
+            )
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
         image = PIL.Image.fromarray(image)
     if not isinstance(image, PIL.Image.Image):
         raise ValueError(f"Unsupported image type {type(image).__name__}; pass a PIL image, a uint8 array or a tensor")
@@ -118,6 +122,12 @@ class TransfusionProcessor(ProcessorMixin):
                 raise ValueError(f"An image tensor must be (3, H, W) in [-1, 1], got shape {tuple(image.shape)}")
             if 0 in image.shape:
                 raise ValueError(f"image is empty (shape {tuple(image.shape)}); an image needs at least 1×1 pixels")
+            if not torch.isfinite(image).all():
+                raise ValueError("An image tensor contains NaN or infinite values")
+            low, high = float(image.min()), float(image.max())
+            if low < -1.001 or high > 1.001:
+                raise ValueError(f"An image tensor must be (3, H, W) in [-1, 1], got values in [{low:.3g}, {high:.3g}]; "
+                                 "pass uint8 images as PIL or numpy")  # fmt: skip
             if image.shape[1:] != (self.image_size, self.image_size):
                 size = (self.image_size, self.image_size)
                 image = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear")[0]
