@@ -104,7 +104,7 @@ def test_bounds_are_inclusive(pipe):
         (torch.full((3, 32, 32), float("nan")), r"image tensor contains NaN or infinite values"),
         (torch.zeros(3, 0, 0), r"image is empty \(shape \(3, 0, 0\)\)"),
         (torch.zeros(5, 32, 32), r"An image tensor must be \(3, H, W\) in \[-1, 1\], got shape \(5, 32, 32\)"),
-        ([PIL.Image.new("RGB", (8, 8)), None], r"Unsupported image type NoneType"),
+        ([PIL.Image.new("RGB", (8, 8)), None], r"images must be PIL images, uint8 arrays or \(3, H, W\) tensors in \[-1, 1\], got \['Image', 'NoneType'\]"),
         ([], r"caption\(\) needs at least one image"),
     ],
 )

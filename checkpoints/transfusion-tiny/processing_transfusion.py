@@ -136,8 +136,15 @@ class TransfusionProcessor(ProcessorMixin):
         return self.image_processor_.preprocess(image)[0]
 
     def _encode_row(self, row, add_eos: bool, ids: dict, images_as_latents: bool):
-        if isinstance(row, (str, PIL.Image.Image, np.ndarray, torch.Tensor)):
+        items = (str, PIL.Image.Image, np.ndarray, torch.Tensor)
+        if isinstance(row, items):
             row = [row]
+        if not isinstance(row, (list, tuple)) or not all(isinstance(item, items) for item in row):
+            got = type(row).__name__ if not isinstance(row, (list, tuple)) else [type(item).__name__ for item in row]
+            raise ValueError(
+                f"A row is a string, an image (PIL, uint8 array or tensor) or a list of them; a batch is a list of rows. "
+                f"Got {got}"
+            )
         tokens, images = [ids["bos"]], []
         for item in row:
             if isinstance(item, str):

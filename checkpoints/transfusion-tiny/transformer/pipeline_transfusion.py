@@ -362,6 +362,9 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
         images = images if isinstance(images, (list, tuple)) else [images]
         if not images:
             raise ValueError("caption() needs at least one image")
+        kinds = [type(image).__name__ for image in images]
+        if not all(isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)) for image in images):
+            raise ValueError(f"images must be PIL images, uint8 arrays or (3, H, W) tensors in [-1, 1], got {kinds}")
         if prompt is not None and not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string or None, got {prompt!r}")
         rows = [[image, prompt] if prompt else [image] for image in images]
