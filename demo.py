@@ -52,7 +52,7 @@ def random_tiny_pipeline() -> TransfusionPipeline:
 
 
 def fashion_test_images(n: int):
-    from training.data import FASHION_CLASSES, load_fashion_mnist
+    from training.datasets import FASHION_CLASSES, load_fashion_mnist
 
     images, labels = load_fashion_mnist("test")
     picks = list(range(0, len(labels), max(len(labels) // n, 1)))[:n]

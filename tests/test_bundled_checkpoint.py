@@ -30,7 +30,7 @@ def test_bundled_checkpoint_generates_and_captions(pipe):
     out = pipe("a photo of a trouser", num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="np")
     image = out.images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all() and image.std() > 0.05
-    from training.data import load_fashion_mnist
+    from training.datasets import load_fashion_mnist
 
     images, labels = load_fashion_mnist("test")
     caption = pipe.caption(images[0])[0]

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from training import data
-from training.data import (
+from training import datasets
+from training.datasets import fashion_mnist
+from training.datasets import shapes as world
+from training.datasets import (
     COLOURS,
     FASHION_CLASSES,
-    HELDOUT_COUNTS,
-    HELDOUT_RELATION_PAIRS,
     SHAPES,
     FashionDataset,
     ShapesDataset,
@@ -23,23 +23,22 @@ from training.data import (
     fashion_caption,
     fashion_to_tensor,
     heldout_prompts,
-    is_heldout,
     load_fashion_mnist,
     parse_caption,
     relation_holds,
     render_scene,
-    sample_scene,
     shapes_scene,
     text_corpus,
-    text_split_of,
 )
+from training.datasets.shapes import HELDOUT_COUNTS, HELDOUT_RELATION_PAIRS, is_heldout, sample_scene
+from training.datasets.text import text_split_of
 from training.metrics import frechet_distance
 
 ROOT = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(int(os.environ.get("TRANSFUSION_THREADS", "1")))
 
-needs_fashion = pytest.mark.skipif(not data.FASHION_DIR.is_dir(), reason="apt-get install -y dataset-fashion-mnist")
+needs_fashion = pytest.mark.skipif(not fashion_mnist.FASHION_DIR.is_dir(), reason="apt-get install -y dataset-fashion-mnist")
 
 
 # ------------------------------------------------------------------------------------------------ Fashion-MNIST
@@ -64,7 +63,7 @@ def test_fashion_dataset_item():
 
 
 def test_fashion_missing_folder_names_the_package(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "FASHION_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(fashion_mnist, "FASHION_DIR", tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
         load_fashion_mnist("train")
     with pytest.raises(ValueError, match="split"):
@@ -73,7 +72,7 @@ def test_fashion_missing_folder_names_the_package(tmp_path, monkeypatch):
 
 def test_fashion_folder_from_environment(tmp_path):
     """FASHION_MNIST_DIR replaces the Debian folder (read when the module is imported: run in a fresh process)."""
-    code = "from training import data; print(data.FASHION_DIR); data.load_fashion_mnist('test')"
+    code = "from training.datasets import fashion_mnist as f; print(f.FASHION_DIR); f.load_fashion_mnist('test')"
     env = {**os.environ, "FASHION_MNIST_DIR": str(tmp_path / "elsewhere")}
     run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
     assert run.returncode != 0 and run.stdout.strip() == str(tmp_path / "elsewhere")
@@ -125,7 +124,7 @@ def _objects_apart(spec) -> bool:
     objs = spec.objects
     for i, a in enumerate(objs):
         for b in objs[i + 1 :]:
-            if not data._boxes_apart(a, b):
+            if not world._boxes_apart(a, b):
                 return False
     return True
 
@@ -137,7 +136,7 @@ def test_scene_contents_match_their_captions():
         assert len(spec.objects) == n and 1 <= n <= 3
         assert _objects_apart(spec)
         for o in spec.objects:
-            assert data.BORDER <= o.x and o.x + o.size <= 32 - data.BORDER and 9 <= o.size <= 11
+            assert world.BORDER <= o.x and o.x + o.size <= 32 - world.BORDER and 9 <= o.size <= 11
         if spec.kind == "relation":
             a, b = spec.objects
             assert (a.colour, a.shape, b.colour, b.shape) == (spec.colour, spec.shape, spec.colour2, spec.shape2)
@@ -163,12 +162,12 @@ def test_relations_geometrically_true_with_margin():
         across = dy if spec.relation in ("to the left of", "to the right of") else dx
         assert along >= 9 and abs(across) <= 5  # triangles' centroids sit 1-2 px below their box centres
         # and no other relation holds
-        assert [r for r in data.RELATIONS if relation_holds(ca, cb, r)] == [spec.relation]
-    assert seen == set(data.RELATIONS)
+        assert [r for r in world.RELATIONS if relation_holds(ca, cb, r)] == [spec.relation]
+    assert seen == set(world.RELATIONS)
 
 
 def _mask_centroid(obj):
-    ys, xs = np.nonzero(data.shape_mask(obj.shape, obj.size))
+    ys, xs = np.nonzero(world.shape_mask(obj.shape, obj.size))
     return (obj.x + xs.mean() + 0.5, obj.y + ys.mean() + 0.5)
 
 
@@ -197,7 +196,7 @@ def test_caption_parser_round_trip():
     for i in range(500):
         spec = shapes_scene(i, "train" if i % 2 else "heldout")
         assert parse_caption(spec.caption) == spec.semantic()
-    for caption in data.all_captions()[10:]:
+    for caption in datasets.all_captions()[10:]:
         assert parse_caption(caption).caption == caption
     with pytest.raises(ValueError):
         parse_caption("a purple circle")
@@ -208,7 +207,7 @@ def test_caption_parser_round_trip():
 def test_heldout_prompts_categories_and_determinism():
     prompts = heldout_prompts(50, seed=0)
     assert prompts == heldout_prompts(50, seed=0)
-    assert {p.category for p in prompts} == set(data.EVAL_CATEGORIES)
+    assert {p.category for p in prompts} == set(world.EVAL_CATEGORIES)
     for caption, spec, category in prompts:
         assert caption == spec.caption and spec.objects
         if category in ("two_objects", "position"):
@@ -310,6 +309,6 @@ def test_reconstruction_reports_run_on_a_tiny_vae():
                     up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4)
     shapes = shapes_reconstruction_report(vae, n=4)
     assert shapes["detector_exact_original"] == 1.0 and 0.0 <= shapes["detector_exact_reconstruction"] <= 1.0
-    if data.FASHION_DIR.is_dir():
+    if fashion_mnist.FASHION_DIR.is_dir():
         report = vae_reconstruction_report(vae, FashionClassifier().eval(), n=8)
         assert report["n"] == 8 and 0.0 <= report["accuracy_reconstruction"] <= 1.0 and report["mse"] > 0

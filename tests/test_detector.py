@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from training.data import SceneSpec, heldout_prompts, parse_caption, place_objects, render_scene, shapes_scene
+from training.datasets import SceneSpec, heldout_prompts, parse_caption, place_objects, render_scene, shapes_scene
 from training.detector import classify_shape, detect, detection_matches_scene, score_prompt
 
 torch.set_num_threads(int(os.environ.get("TRANSFUSION_THREADS", "1")))
@@ -37,7 +37,7 @@ def test_empty_image_has_no_objects():
 
 
 def test_classify_shape_on_masks():
-    from training.data import shape_mask
+    from training.datasets import shape_mask
 
     for shape in ("circle", "square", "triangle"):
         for size in (8, 9, 10, 11, 12, 14):

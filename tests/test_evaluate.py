@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler
 from pipelines import TransfusionPipeline
 from training import evaluate
 from training.classifier import FashionClassifier
-from training.data import SceneSpec, load_fashion_mnist
+from training.datasets import SceneSpec, load_fashion_mnist
 from training.metrics import frechet_distance
 
 TINY_COUNTS = [

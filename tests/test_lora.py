@@ -229,7 +229,7 @@ def test_finetune_help_and_data_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("concept", ["purple", "cross"])
 def test_concept_renderer_and_detector_agree(concept):
-    from training.data import shapes_images
+    from training.datasets import shapes_images
     from training.detector import detect
 
     palette, _ = concept_world(concept)

@@ -12,7 +12,7 @@ import torch
 
 from modeling_transfusion import TransfusionPipeline
 from training.classifier import load_classifier
-from training.data import FASHION_CLASSES
+from training.datasets import FASHION_CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = {  # name → (class, config overrides of the checkpoint's scheduler config, steps)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from training.data import FASHION_CLASSES, fashion_to_tensor, load_fashion_mnist
+from training.datasets import FASHION_CLASSES, fashion_to_tensor, load_fashion_mnist
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

@@ -1,5 +1,5 @@
-"""Training examples for Transfusion: a seeded mixture of Fashion-MNIST, the shapes world and text, and the collator
-that turns a list of examples into one model batch through the processor.
+"""Training examples for Transfusion: a seeded mixture of the registered datasets (:mod:`training.datasets`: image–caption
+sources and text sources), and the collator that turns a list of examples into one model batch through the processor.
 
 The example stream
 ------------------
@@ -42,11 +42,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from training.data import fashion_caption, fashion_to_tensor, load_fashion_mnist, rgb_to_tensor, shapes_images, text_corpus
+from training.datasets import DEFAULT_MIX, ImageCaptionSource, builtin_names
 
-IMAGE_SOURCES = ("fashion", "shapes")
-SOURCES = IMAGE_SOURCES + ("text",)
-DEFAULT_MIX = {"fashion": 0.4, "shapes": 0.4, "text": 0.2}
 KINDS = ("caption_image", "image_caption", "text")
 
 
@@ -61,17 +58,19 @@ def parse_named_numbers(text: str, flag: str, expected: str) -> dict[str, float]
         raise ValueError(f"{flag} {text!r}: expected {expected}") from None
 
 
-def parse_mix(mix) -> dict[str, float]:
-    """Mixture weights from a dict or a string ``"fashion=0.4,shapes=0.4,text=0.2"``; normalised to sum 1."""
+def parse_mix(mix, names=None) -> dict[str, float]:
+    """Mixture weights over `names` (default: the built-in datasets) from a dict or a string
+    ``"fashion=0.4,shapes=0.4,text=0.2"``; normalised to sum 1, in the order of `names`."""
+    names = builtin_names() if names is None else list(names)
     if isinstance(mix, str):
         mix = parse_named_numbers(mix, "--mix", "comma-separated name=weight pairs, e.g. fashion=0.4,shapes=0.4,text=0.2")
     if not isinstance(mix, dict):
         raise ValueError(f"--mix {mix!r}: expected name=weight pairs, e.g. fashion=0.4,shapes=0.4,text=0.2")
-    unknown = sorted(set(mix) - set(SOURCES))
+    unknown = sorted(set(mix) - set(names))
     if unknown:
-        raise ValueError(f"unknown mixture source(s) {unknown}; allowed: {SOURCES}")
+        raise ValueError(f"unknown mixture source(s) {unknown}; allowed: {tuple(names)} (your own data: --dataset NAME=PATH)")
     try:
-        weights = {k: float(mix.get(k, 0.0)) for k in SOURCES}
+        weights = {k: float(mix.get(k, 0.0)) for k in names}
     except (TypeError, ValueError):
         raise ValueError(f"--mix {mix!r}: weights must be numbers, e.g. fashion=0.4,shapes=0.4,text=0.2") from None
     if not all(math.isfinite(w) and w >= 0 for w in weights.values()) or sum(weights.values()) <= 0:
@@ -80,9 +79,10 @@ def parse_mix(mix) -> dict[str, float]:
     return {k: w / total for k, w in weights.items()}
 
 
-def parse_image_first(value) -> dict[str, float]:
-    """Image→caption probability per image source, from one number (every source) or a dict or string
-    ``"fashion=0.4,shapes=0.3"`` (sources not named keep the paper's 0.2)."""
+def parse_image_first(value, image_names=None) -> dict[str, float]:
+    """Image→caption probability per image source (`image_names`, default: the built-in ones), from one number (every
+    source) or a dict or string ``"fashion=0.4,shapes=0.3"`` (sources not named keep the paper's 0.2)."""
+    image_names = builtin_names("image") if image_names is None else list(image_names)
     if isinstance(value, str):
         try:
             value = float(value)
@@ -93,13 +93,13 @@ def parse_image_first(value) -> dict[str, float]:
     if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
         raise ValueError(f"image_first_prob {value!r}: expected a probability or name=probability pairs, e.g. 0.2 or fashion=0.4,shapes=0.3")
     if isinstance(value, (int, float)):
-        probs = dict.fromkeys(IMAGE_SOURCES, float(value))
+        probs = dict.fromkeys(image_names, float(value))
     else:
-        unknown = sorted(set(value) - set(IMAGE_SOURCES))
+        unknown = sorted(set(value) - set(image_names))
         if unknown:
-            raise ValueError(f"image_first_prob names unknown image source(s) {unknown}; allowed: {list(IMAGE_SOURCES)}")
+            raise ValueError(f"image_first_prob names unknown image source(s) {unknown}; allowed: {image_names}")
         try:
-            probs = {k: float(value.get(k, 0.2)) for k in IMAGE_SOURCES}
+            probs = {k: float(value.get(k, 0.2)) for k in image_names}
         except (TypeError, ValueError):
             raise ValueError(f"image_first_prob {value!r}: expected probabilities in [0, 1]") from None
     bad = {k: p for k, p in probs.items() if not 0.0 <= p <= 1.0}
@@ -132,28 +132,6 @@ def vae_fingerprint(vae) -> str:
         h.update(name.encode())
         h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def source_size(name: str, count: int | None) -> int:
-    """How many training images of a source `count` asks for (None: all Fashion-MNIST / 60,000 shapes scenes)."""
-    if name == "fashion":
-        total = len(load_fashion_mnist("train")[1])
-        return total if count is None else min(count, total)
-    if name == "shapes":
-        return 60_000 if count is None else count
-    raise ValueError(f"unknown image source {name!r}; allowed: {IMAGE_SOURCES}")
-
-
-def source_pixels(name: str, count: int | None, shapes_seed: int = 0) -> tuple[list[str], Iterator[torch.Tensor]]:
-    """Captions of a source's first `count` training images and an iterator over their pixels in chunks of
-    (n, 3, 32, 32) in [−1, 1]. Fashion-MNIST: the train split (count ≤ 60,000); shapes: the world's train scenes."""
-    chunk, n = 1000, source_size(name, count)
-    if name == "fashion":
-        images, labels = load_fashion_mnist("train")
-        captions = [fashion_caption(c) for c in labels[:n]]
-        return captions, (fashion_to_tensor(images[i : min(i + chunk, n)]) for i in range(0, n, chunk))
-    images, captions = shapes_images(n, "train", seed=shapes_seed)
-    return captions, (rgb_to_tensor(images[i : i + chunk]) for i in range(0, n, chunk))
 
 
 @torch.no_grad()
@@ -190,25 +168,28 @@ def _read_latent_cache(path: Path) -> tuple[torch.Tensor, list[str]]:
 
 
 def load_or_encode_latents(
-    model, name: str, count: int | None, cache_dir: str | os.PathLike, shapes_seed: int = 0, device=None, log=print
+    model, source: ImageCaptionSource, count: int | None, cache_dir: str | os.PathLike, device=None, log=print
 ) -> ImageSource:
-    """The latents of a source, from ``<cache_dir>/latents-<name>-n<count>-s<seed>-<vae hash>.safetensors`` (the
-    latents as a tensor, the captions as JSON metadata) or encoded with `model.encode_images` and written there
-    (atomically). The file is keyed by the VAE's weights, so a retrained VAE never reads stale latents."""
+    """The latents of a source's first `count` pairs (all when None), from
+    ``<cache_dir>/latents-<name>-n<count>-<tag>-<vae hash>.safetensors`` (the latents as a tensor, the captions as JSON
+    metadata) or encoded with `model.encode_images` and written there (atomically). The file is keyed by the source's
+    content tag and the VAE's weights, so changed data or a retrained VAE never reads stale latents."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    n = source_size(name, count)
-    key = f"latents-{name}-n{n}-s{shapes_seed if name == 'shapes' else 0}-{vae_fingerprint(model.model.vae)}.safetensors"
+    name = source.name
+    n = len(source) if count is None else min(count, len(source))
+    key = f"latents-{name}-n{n}-{source.cache_tag}-{vae_fingerprint(model.model.vae)}.safetensors"
     path = Path(cache_dir) / key
-    if path.exists():  # shapes scenes are a pure function of (seed, index): only their count is checked
+    if path.exists():
         latents, captions = _read_latent_cache(path)
-        if len(captions) != n or len(latents) != n or (name == "fashion" and captions != source_pixels(name, n)[0]):
+        stale = source.verify_cached_captions and captions != source.captions(n)
+        if len(captions) != n or len(latents) != n or stale:
             raise LatentCacheError(f"latent cache {path} does not match the {n} {name} images; delete it to re-encode")
         log(f"latents of {n} {name} images from {path}")
         return ImageSource(name, latents, captions)
-    captions, chunks = source_pixels(name, n, shapes_seed)
+    captions, chunks = source.captions(n), source.pixels(n)
     log(f"encoding {len(captions)} {name} images with the VAE (once; cached in {path})")
     with tqdm(total=len(captions), desc=f"encode {name}", dynamic_ncols=True, mininterval=5) as bar:
         latents = encode_pixels(model.encode_images, chunks, device=device, progress=bar)
@@ -244,18 +225,21 @@ class MixtureDataset(Dataset):
     def __init__(
         self,
         images: dict[str, ImageSource],
-        texts: list[str],
+        texts: list[str] | dict[str, list[str]],
         mix: dict[str, float] | str | None = None,
         image_first_prob: float | dict[str, float] | str = 0.2,
         seed: int = 0,
     ):
-        first = parse_image_first(image_first_prob)
-        weights = parse_mix(DEFAULT_MIX if mix is None else mix)
-        sizes = {**{k: len(v) for k, v in images.items()}, "text": len(texts)}
+        texts = {"text": texts} if isinstance(texts, list) else dict(texts)
+        builtin = builtin_names()
+        names = builtin + [k for k in [*images, *texts] if k not in builtin]
+        first = parse_image_first(image_first_prob, [k for k in names if k in images or k in builtin_names("image")])
+        weights = parse_mix(DEFAULT_MIX if mix is None else mix, names)
+        sizes = {**{k: len(v) for k, v in images.items()}, **{k: len(v) for k, v in texts.items()}}
         for name, weight in weights.items():
             if weight > 0 and not sizes.get(name):
                 raise ValueError(f"mixture weight {name}={weight:.3f} but the {name} source is empty or not loaded")
-        self.sources = [k for k in SOURCES if weights[k] > 0]
+        self.sources = [k for k in names if weights[k] > 0]
         self.cumulative = np.cumsum([weights[k] for k in self.sources])
         self.cumulative[-1] = 1.0
         self.sizes = np.array([sizes[k] for k in self.sources])
@@ -279,8 +263,8 @@ class MixtureDataset(Dataset):
             raise IndexError(f"stream index {index} < 0")
         source, item, image_first, window = (a[index % self.CHUNK] for a in self._chunk(index // self.CHUNK))
         name, item = self.sources[source], int(item)
-        if name == "text":
-            return {"index": index, "kind": "text", "text": self.texts[item], "latent": None, "window": float(window)}
+        if name in self.texts:
+            return {"index": index, "kind": "text", "text": self.texts[name][item], "latent": None, "window": float(window)}
         src = self.images[name]
         kind = "image_caption" if image_first else "caption_image"
         return {"index": index, "kind": kind, "text": src.captions[item], "latent": src.latents[item], "window": 0.0}
@@ -377,25 +361,13 @@ class TransfusionCollator:
         return {"example_index": torch.tensor([ex["index"] for ex in examples], dtype=torch.long), "parts": parts}
 
 
-def build_text_source(max_examples: int | None = None) -> list[str]:
-    """The train split of the text corpus (its first `max_examples` chunks when given)."""
-    texts = text_corpus("train")
-    return texts if max_examples is None else texts[:max_examples]
-
-
 __all__ = [
-    "DEFAULT_MIX",
-    "IMAGE_SOURCES",
-    "SOURCES",
     "ImageSource",
     "MicroBatchSampler",
     "MixtureDataset",
     "TransfusionCollator",
-    "build_text_source",
     "encode_pixels",
     "load_or_encode_latents",
     "parse_mix",
-    "source_pixels",
-    "source_size",
     "vae_fingerprint",
 ]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from training.data import COLOURS, EVAL_CATEGORIES, SceneSpec, parse_caption, relation_holds, render_scene, shapes_scene
+from training.datasets import COLOURS, EVAL_CATEGORIES, SceneSpec, parse_caption, relation_holds, render_scene, shapes_scene
 
 _NAMES = tuple(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _NAMES], dtype=np.float64)  # (K, 3)
@@ -94,7 +94,7 @@ def score_prompt(spec_or_caption: SceneSpec | str, detections: list[DetectedObje
     single   → {"single_object": a detection has the shape, "colour": a detection has the shape and the colour}
     relation → {"two_objects": both named objects detected, "position": some such pair satisfies the relation}
     count    → {"counting": exactly `count` detections of that colour and shape}
-    (see `training.data.heldout_prompts` for the categories; take `result[prompt.category]`.)
+    (see `training.datasets.heldout_prompts` for the categories; take `result[prompt.category]`.)
     """
     spec = parse_caption(spec_or_caption) if isinstance(spec_or_caption, str) else spec_or_caption
     same = [d for d in detections if (d.colour, d.shape) == (spec.colour, spec.shape)]

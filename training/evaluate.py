@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from modeling_transfusion.scheduling_transfusion import SCHEDULER_NAMES
-from training.data import (
+from training.datasets import (
     EVAL_CATEGORIES,
     FASHION_CLASSES,
     SceneSpec,

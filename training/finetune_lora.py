@@ -352,7 +352,7 @@ PLURALS = {"cross": "crosses"}
 
 def concept_world(concept: str) -> tuple[dict, tuple]:
     """(palette, shapes) of the shapes world extended by `concept`."""
-    from training.data import COLOURS, SHAPES
+    from training.datasets import COLOURS, SHAPES
 
     if concept not in NEW_CONCEPTS:
         raise ValueError(f"concept={concept!r}; available: {sorted(NEW_CONCEPTS)}")
@@ -364,7 +364,7 @@ def concept_world(concept: str) -> tuple[dict, tuple]:
 
 def concept_shape_mask(shape: str, size: int) -> np.ndarray:
     """The shapes world's masks, plus `cross`: a plus sign whose arms are a third of the box wide."""
-    from training.data import shape_mask
+    from training.datasets import shape_mask
 
     if shape != "cross":
         return shape_mask(shape, size)
@@ -378,7 +378,7 @@ def _concept_spec(rng: np.random.Generator, concept: str, kind: str | None = Non
     relation | count (default: drawn 2:1:1). Returns (caption, placed objects)."""
     from dataclasses import replace
 
-    from training.data import COLOURS, RELATIONS, SHAPES, SceneSpec, place_objects
+    from training.datasets import COLOURS, RELATIONS, SHAPES, SceneSpec, place_objects
 
     is_colour = NEW_CONCEPTS[concept][0] == "colour"
     kind = kind or ("single", "single", "relation", "count")[rng.integers(4)]
@@ -403,8 +403,8 @@ def _concept_spec(rng: np.random.Generator, concept: str, kind: str | None = Non
 
 
 def render_objects(objects, palette: dict) -> np.ndarray:
-    """Draw placed objects on black with `palette` colours, as `training.data.render_scene` does: uint8 (32, 32, 3)."""
-    from training.data import IMAGE_SIZE
+    """Draw placed objects on black with `palette` colours, as `training.datasets.render_scene` does: uint8 (32, 32, 3)."""
+    from training.datasets import IMAGE_SIZE
 
     image = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     for obj in objects:
@@ -415,7 +415,7 @@ def render_objects(objects, palette: dict) -> np.ndarray:
 
 def render_concept(args) -> Path:
     """Write a png + txt folder: `--count` scenes showing the new concept and `--replay` ordinary training scenes."""
-    from training.data import shapes_images
+    from training.datasets import shapes_images
 
     palette, _ = concept_world(args.concept)
     out = Path(args.output)
@@ -480,7 +480,7 @@ def _generate(pipe, prompts, steps, guidance, seed, batch=16) -> list[np.ndarray
 
 def concept_scores(pipe, concept: str, per_prompt: int, steps: int, guidance: float, seed: int) -> dict:
     """Scores on the new concept (generation and captioning) and on the old world (forgetting)."""
-    from training.data import COLOURS, SHAPES, heldout_prompts
+    from training.datasets import COLOURS, SHAPES, heldout_prompts
     from training.detector import detect, score_prompt
 
     palette, _ = concept_world(concept)
@@ -519,7 +519,7 @@ def concept_scores(pipe, concept: str, per_prompt: int, steps: int, guidance: fl
 def vae_roundtrip_scores(model, concept: str, n: int, seed: int) -> dict:
     """The ceiling for generation: how often the concept (with the right colour and shape) survives the VAE
     (encode → decode) of rendered single objects; `rendered` checks the detector on the renderings themselves."""
-    from training.data import rgb_to_tensor, tensor_to_rgb
+    from training.datasets import rgb_to_tensor, tensor_to_rgb
 
     palette, _ = concept_world(concept)
     rng = np.random.default_rng([seed, 13])

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import torch
 
-from training.data import (
+from training.datasets import (
     fashion_to_tensor,
     load_fashion_mnist,
     render_scene,

@@ -45,6 +45,7 @@ from training.checkpoints import (
     verify_checkpoint,
 )
 from training.collate import LatentCacheError
+from training.datasets import add_dataset_arguments
 from training.monitor import plot_losses, read_log, write_samples
 
 DEFAULT_STEPS = 2000
@@ -107,16 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g = p.add_argument_group("data")
-    g.add_argument("--mix", default="fashion=0.4,shapes=0.4,text=0.2", help="mixture weights of the three sources")
+    g.add_argument("--mix", default="fashion=0.4,shapes=0.4,text=0.2",
+                   help="mixture weights by dataset name: the built-in fashion, shapes, text and any --dataset NAME")
     g.add_argument("--image-first-prob", default=0.2,
                    help="share of image→caption rows (paper: 0.2): one number, or per source, e.g. fashion=0.4,shapes=0.3")
     g.add_argument("--max-text-tokens", type=int, default=64, help="text rows are cut to a window of this many tokens")
     g.add_argument("--max-examples", type=int, help="use only the first N items of every source (tests, debugging)")
-    g.add_argument("--shapes-count", type=int, default=60_000, help="shapes-world training scenes")
     g.add_argument("--split-text", action=argparse.BooleanOptionalAction, default=None,
                    help="run a micro-batch's text rows and image rows as two padded batches: less padding, twice the "
                    "launches (default: on CPU, where it is 1.6-1.75x faster; off on GPU, where small models are launch-bound)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    add_dataset_arguments(p)
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, help=f"optimizer steps; the LR schedule spans them (a fresh run without --minutes: {DEFAULT_STEPS}; 0: none)")
     g.add_argument("--minutes", type=float, help="wall-clock budget of this invocation: stop cleanly and save when spent; "
@@ -275,10 +277,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.set_defaults(**values)
     args = parser.parse_args(argv)
     from training.collate import parse_image_first, parse_mix
+    from training.datasets import builtin_names, source_names
 
     try:
-        args.image_first_prob = parse_image_first(args.image_first_prob)
-        parse_mix(args.mix)  # checked here for a usage error; main() parses it again
+        names = source_names(args)  # built in, then --dataset names (a bad --dataset spec is a usage error here)
+        user = names[len(builtin_names()) :]
+        args.image_first_prob = parse_image_first(args.image_first_prob, builtin_names("image") + user)
+        parse_mix(args.mix, names)  # checked here for a usage error; main() parses it again
     except ValueError as err:
         parser.error(str(err))
     check_ranges(parser, args)
@@ -458,15 +463,8 @@ def train(args) -> dict:
     from tqdm.auto import tqdm
 
     from modeling_transfusion import TransfusionDiffusionObjective, TransfusionProcessor
-    from training.collate import (
-        IMAGE_SOURCES,
-        MicroBatchSampler,
-        MixtureDataset,
-        TransfusionCollator,
-        build_text_source,
-        load_or_encode_latents,
-        parse_mix,
-    )
+    from training.collate import MicroBatchSampler, MixtureDataset, TransfusionCollator, load_or_encode_latents, parse_mix
+    from training.datasets import DataError, build_sources, source_names
 
     t_start = time.time()
     torch.set_num_threads(args.threads)
@@ -506,18 +504,25 @@ def train(args) -> dict:
     processor = TransfusionProcessor.from_model_config(tokenizer, config)
     objective = TransfusionDiffusionObjective(config)  # timesteps, noise, caption dropout; the model only predicts
 
-    mix = parse_mix(args.mix)
-    images = {}
+    mix = parse_mix(args.mix, source_names(args))
+    try:
+        sources = build_sources(args, [k for k, w in mix.items() if w > 0], config.image_size)
+    except ValueError as err:  # user data that cannot be read: the message names the file or row
+        raise SystemExit(f"error: {err}") from None
+    images, texts = {}, {}
     with accelerator.main_process_first():  # the main process encodes and caches; the others read the cache
         model.to(accelerator.device)
-        for name in IMAGE_SOURCES:
-            if mix[name] > 0:
-                count = args.shapes_count if name == "shapes" else None
-                if args.max_examples is not None:
-                    count = min(count, args.max_examples) if count else args.max_examples
-                images[name] = load_or_encode_latents(model, name, count, args.latent_cache, device=accelerator.device, log=say)
-    texts = build_text_source(args.max_examples) if mix["text"] > 0 else []
-    dataset = MixtureDataset(images, texts, mix, args.image_first_prob, args.seed)
+        for name, source in sources.items():
+            if source.modality == "text":
+                texts[name] = source.texts()[: args.max_examples]
+                continue
+            try:
+                images[name] = load_or_encode_latents(model, source, args.max_examples, args.latent_cache,
+                                                      device=accelerator.device, log=say)  # fmt: skip
+            except DataError as err:
+                raise SystemExit(f"error: {err}") from None
+    first = {k: v for k, v in args.image_first_prob.items() if k in images}
+    dataset = MixtureDataset(images, texts, mix, first, args.seed)
     # DeepSpeed counts backward calls as accumulation steps: one forward per micro-batch there.
     split_text = accelerator.device.type == "cpu" if args.split_text is None else args.split_text
     split_text = split_text and accelerator.distributed_type != DistributedType.DEEPSPEED

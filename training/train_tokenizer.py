@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from modeling_transfusion.tokenization_transfusion import build_tokenizer
-from training.data import all_captions, text_corpus
+from training.datasets import all_captions, text_corpus
 
 
 def tokenizer_texts(caption_repeats: int) -> list[str]:

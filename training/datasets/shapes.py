@@ -1,7 +1,4 @@
-"""The offline data world: Fashion-MNIST, a generated shapes world, and English text from Python's standard library.
-
-Images everywhere are (3, 32, 32) float tensors in [-1, 1] (uint8 arrays on disk and in the generators); captions
-are plain strings. Nothing here touches the network.
+"""The shapes world: generated scenes of coloured shapes with exact captions and a held-out split.
 
 Shapes world
 ------------
@@ -26,114 +23,17 @@ Held-out split (never produced by ``sample_scene(rng, "train")``):
 Every single-object (colour, shape) pair stays in training, so single-object prompts remain learnable.
 """
 
-import gzip
-import hashlib
-import importlib
-import inspect
-import os
+import argparse
 import re
-import unicodedata
-import warnings
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-# ----------------------------------------------------------------------------------------------------------------
-# Fashion-MNIST
-# ----------------------------------------------------------------------------------------------------------------
-
-# The Debian package's folder; FASHION_MNIST_DIR points elsewhere (the same four idx .gz files, e.g. on a GPU host)
-FASHION_DIR = Path(os.environ.get("FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
-FASHION_SPLIT_PREFIX = {"train": "train", "test": "t10k"}
-
-
-def fashion_caption(label: int) -> str:
-    """The caption of Fashion-MNIST class `label`: ``a photo of a {name}``."""
-    return f"a photo of a {FASHION_CLASSES[int(label)]}"
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    """Read a gzipped idx file (the MNIST format): big-endian header of magic + dims, then uint8 data."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    magic = int.from_bytes(data[0:4], "big")
-    if magic >> 8 != 0x08:  # 0x08 = unsigned byte data
-        raise ValueError(f"{path}: unsupported idx magic {magic:#x}; expected unsigned-byte data (0x0008nn)")
-    ndim = magic & 0xFF
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
-@lru_cache(maxsize=2)
-def _load_fashion_cached(split: str, folder: str) -> tuple[np.ndarray, np.ndarray]:
-    root = Path(folder)
-    prefix = FASHION_SPLIT_PREFIX[split]
-    images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
-    labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
-    if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28):
-        raise ValueError(f"{root}: inconsistent Fashion-MNIST {split} files: {images.shape} images, {labels.shape} labels")
-    images.setflags(write=False)
-    labels.setflags(write=False)
-    return images, labels
-
-
-def load_fashion_mnist(split: str = "train", folder: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Load Fashion-MNIST from the Debian package (or `folder`, or $FASHION_MNIST_DIR): uint8 images (N, 28, 28) and
-    int64 labels (N,).
-
-    `split` is "train" (60,000) or "test" (10,000). The arrays are cached and read-only; copy before editing.
-    """
-    if split not in FASHION_SPLIT_PREFIX:
-        raise ValueError(f"split={split!r}; expected one of {sorted(FASHION_SPLIT_PREFIX)}")
-    root = Path(folder) if folder is not None else FASHION_DIR
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"Fashion-MNIST folder {root} not found. "
-            "Install the Debian package: apt-get install -y dataset-fashion-mnist "
-            "(or set FASHION_MNIST_DIR to a folder holding its four idx .gz files)"
-        )
-    return _load_fashion_cached(split, str(root))
-
-
-def fashion_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, 28, 28) → float (N, 3, 32, 32) in [-1, 1]: 2 px of background (0 → -1) padded, grey to RGB."""
-    images = np.asarray(images)
-    if images.ndim == 2:
-        images = images[None]
-    if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise ValueError(f"expected uint8 images of shape (N, 28, 28), got {images.shape}")
-    x = torch.from_numpy(np.array(images, dtype=np.float32)).div_(127.5).sub_(1.0)  # (N, 28, 28)
-    x = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)  # (N, 32, 32)
-    return x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # (N, 3, 32, 32)
-
-
-def rgb_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) or (H, W, 3) → float (N, 3, H, W) in [-1, 1]."""
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[None]
-    x = torch.from_numpy(np.array(images, dtype=np.float32)).div_(127.5).sub_(1.0)
-    return x.permute(0, 3, 1, 2).contiguous()
-
-
-def tensor_to_rgb(x: torch.Tensor) -> np.ndarray:
-    """float (N, 3, H, W) or (3, H, W) in [-1, 1] → uint8 (N, H, W, 3) (or (H, W, 3))."""
-    single = x.ndim == 3
-    if single:
-        x = x[None]
-    out = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return out[0] if single else out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Shapes world
-# ----------------------------------------------------------------------------------------------------------------
+from .base import ImageCaptionSource, register_dataset, rgb_to_tensor
 
 IMAGE_SIZE = 32
 SHAPES = ("circle", "square", "triangle")
@@ -467,142 +367,6 @@ def heldout_prompts(n: int, seed: int = 0) -> list[EvalPrompt]:
     return prompts
 
 
-def all_captions() -> list[str]:
-    """Every caption the two image worlds can produce (fashion + all shapes scenes, train and held-out)."""
-    captions = [fashion_caption(i) for i in range(len(FASHION_CLASSES))]
-    objects = [(c, s) for c in COLOURS for s in SHAPES]
-    captions += [SceneSpec("single", c, s).caption for c, s in objects]
-    captions += [SceneSpec("count", c, s, count=k).caption for k in COUNT_WORDS for c, s in objects]
-    captions += [
-        SceneSpec("relation", c1, s1, relation=r, colour2=c2, shape2=s2).caption
-        for c1, s1 in objects
-        for r in RELATIONS
-        for c2, s2 in objects
-        if (c1, s1) != (c2, s2)
-    ]
-    return captions
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Text corpus: docstrings of Python's standard library
-# ----------------------------------------------------------------------------------------------------------------
-
-# Fixed and sorted; modules with import side effects (antigravity, this, turtle, tkinter, idlelib) are left out.
-STDLIB_MODULES = tuple(
-    sorted(
-        """abc argparse array ast asyncio base64 bdb binascii bisect builtins bz2 calendar cmath cmd code codecs
-        collections collections.abc colorsys compileall concurrent.futures configparser contextlib contextvars copy
-        copyreg csv dataclasses datetime decimal difflib dis doctest email email.message email.utils enum filecmp
-        fileinput fnmatch fractions ftplib functools gc getopt getpass gettext glob graphlib gzip hashlib heapq hmac
-        html html.parser http http.client http.cookies http.server imaplib importlib importlib.metadata inspect io
-        ipaddress itertools json keyword linecache locale logging logging.handlers lzma mailbox marshal math
-        mimetypes multiprocessing netrc numbers operator optparse os os.path pathlib pdb pickle pickletools pkgutil
-        platform plistlib poplib pprint profile pstats queue quopri random re reprlib rlcompleter sched secrets
-        select selectors shelve shlex shutil signal smtplib socket socketserver sqlite3 ssl stat statistics string
-        stringprep struct subprocess symtable sys sysconfig tabnanny tarfile tempfile textwrap threading time
-        timeit token tokenize tomllib trace traceback tracemalloc types typing unicodedata unittest unittest.mock
-        urllib.parse urllib.request urllib.robotparser uuid warnings wave weakref wsgiref.simple_server
-        xml.dom.minidom xml.etree.ElementTree xml.sax xmlrpc.client zipapp zipfile zlib zoneinfo""".split()
-    )
-)
-CHUNK_CHARS = 600  # chunks are whole paragraphs joined up to about this many characters
-MIN_CHUNK_CHARS = 40
-HELDOUT_PERCENT = 5
-
-
-def _clean(text: str) -> str:
-    """ASCII-fold and normalise whitespace to single spaces."""
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    return " ".join(text.split())
-
-
-def _docstrings(module_name: str) -> list[str]:
-    """Docstrings of a module, its public classes and functions, and their public methods, in a sorted order."""
-    try:
-        module = importlib.import_module(module_name)
-    except Exception:  # a module missing from this Python build (e.g. no _ssl) is simply skipped
-        return []
-    docs = [inspect.getdoc(module)]
-    for name, obj in sorted(vars(module).items()):
-        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-            continue  # skip private names and re-exports (they are collected in their home module)
-        if inspect.isclass(obj):
-            docs.append(inspect.getdoc(obj))
-            for member_name, member in sorted(vars(obj).items()):
-                is_method = inspect.isfunction(member) or inspect.ismethoddescriptor(member)
-                if is_method and not member_name.startswith("_"):
-                    docs.append(inspect.getdoc(member))
-        elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
-            docs.append(inspect.getdoc(obj))
-    return [d for d in docs if d]
-
-
-def _chunks(doc: str) -> list[str]:
-    paragraphs = [_clean(p) for p in re.split(r"\n\s*\n", doc)]
-    chunks, current = [], ""
-    for p in paragraphs:
-        if not p:
-            continue
-        if current and len(current) + 1 + len(p) > CHUNK_CHARS:
-            chunks.append(current)
-            current = p
-        else:
-            current = f"{current} {p}" if current else p
-    if current:
-        chunks.append(current)
-    return [c for c in chunks if len(c) >= MIN_CHUNK_CHARS]
-
-
-def text_split_of(chunk: str) -> str:
-    """"heldout" for about HELDOUT_PERCENT% of chunks, chosen by a hash of the text (stable across runs)."""
-    h = int.from_bytes(hashlib.sha1(chunk.encode("utf-8")).digest()[:8], "big")
-    return "heldout" if h % 100 < HELDOUT_PERCENT else "train"
-
-
-@lru_cache(maxsize=1)
-def _all_text_chunks() -> tuple[str, ...]:
-    from pydoc_data.topics import topics  # the language reference's help topics, shipped with pydoc
-
-    with warnings.catch_warnings():  # importing and inspecting old modules (typing.io, ...) warns of deprecations
-        warnings.simplefilter("ignore")
-        docs = [doc for name in STDLIB_MODULES for doc in _docstrings(name)]
-    docs += [topics[key] for key in sorted(topics)]
-    seen, chunks = set(), []
-    for doc in docs:
-        for chunk in _chunks(doc):
-            if chunk not in seen:
-                seen.add(chunk)
-                chunks.append(chunk)
-    return tuple(chunks)
-
-
-def text_corpus(split: str = "train") -> list[str]:
-    """English text chunks (≤ ~600 chars each): docstrings of STDLIB_MODULES, then pydoc's help topics.
-
-    `split` is "train" or "heldout" (~5%, by hash of the chunk text: deterministic and disjoint)."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split={split!r}; expected 'train' or 'heldout'")
-    return [c for c in _all_text_chunks() if text_split_of(c) == split]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Datasets
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class FashionDataset(Dataset):
-    """Fashion-MNIST as (image (3, 32, 32) in [-1, 1], caption). `labels` holds the class ids."""
-
-    def __init__(self, split: str = "train"):
-        self.images, self.labels = load_fashion_mnist(split)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        return fashion_to_tensor(self.images[index])[0], fashion_caption(self.labels[index])
-
-
 class ShapesDataset(Dataset):
     """`length` shapes scenes of a split, each generated on the fly from its own index-seeded RNG."""
 
@@ -624,14 +388,33 @@ class ShapesDataset(Dataset):
         return rgb_to_tensor(render_scene(spec))[0], spec.caption
 
 
-class TextDataset(Dataset):
-    """Text chunks of the standard-library corpus."""
 
-    def __init__(self, split: str = "train"):
-        self.texts = text_corpus(split)
+
+@register_dataset
+class ShapesSource(ImageCaptionSource):
+    """The world's first `count` training scenes (a pure function of seed and index) as a training source."""
+
+    name = "shapes"
+    verify_cached_captions = False  # generated from (seed, index): the cache key already says which
+
+    def __init__(self, count: int = 60_000, seed: int = 0):
+        self.count, self.seed = count, seed
+        self.cache_tag = f"s{seed}"
+
+    @classmethod
+    def add_arguments(cls, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--shapes-count", type=int, default=60_000, help="shapes-world training scenes")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, image_size: int = 32) -> list[ImageCaptionSource]:
+        return [cls(count=args.shapes_count)]
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return self.count
 
-    def __getitem__(self, index: int) -> str:
-        return self.texts[index]
+    def captions(self, n: int) -> list[str]:
+        return [shapes_scene(i, "train", self.seed).caption for i in range(n)]
+
+    def pixels(self, n: int, chunk: int = 1000):
+        for i in range(0, n, chunk):
+            yield rgb_to_tensor(shapes_images(min(chunk, n - i), "train", seed=self.seed, start=i)[0])
