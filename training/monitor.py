@@ -11,6 +11,14 @@ SAMPLE_PROMPTS = ("a photo of a t-shirt", "a photo of a trouser", "a photo of a 
                   "a red circle", "a blue square", "a green triangle to the left of a yellow circle", "two blue squares")
 
 
+def sample_prompts(captions: dict[str, list[str]], n: int = 8) -> tuple[str, ...]:
+    """`n` prompts for the sample grids drawn from the training captions (distinct ones, the sources in turn), so a
+    run on a user's own data shows its own subjects; the fixed prompts when there are no image sources."""
+    pools = [list(dict.fromkeys(c[:1000])) for c in captions.values() if c]
+    prompts = [pool[i] for i in range(n) for pool in pools if i < len(pool)][:n]
+    return tuple(prompts) or SAMPLE_PROMPTS
+
+
 def read_log(path: Path) -> list[dict]:
     """The records of log.jsonl; a line torn by a kill mid-write is skipped."""
     records = []

@@ -46,7 +46,7 @@ from training.checkpoints import (
 )
 from training.collate import LatentCacheError
 from training.datasets import add_dataset_arguments
-from training.monitor import plot_losses, read_log, write_samples
+from training.monitor import plot_losses, read_log, sample_prompts, write_samples
 
 DEFAULT_STEPS = 2000
 # command-line flag → TransfusionConfig field
@@ -522,6 +522,7 @@ def train(args) -> dict:
             except DataError as err:
                 raise SystemExit(f"error: {err}") from None
     first = {k: v for k, v in args.image_first_prob.items() if k in images}
+    prompts = sample_prompts({name: source.captions for name, source in images.items()})
     dataset = MixtureDataset(images, texts, mix, first, args.seed)
     # DeepSpeed counts backward calls as accumulation steps: one forward per micro-batch there.
     split_text = accelerator.device.type == "cpu" if args.split_text is None else args.split_text
@@ -693,7 +694,8 @@ def train(args) -> dict:
                     notes.append("sample grids are skipped under FSDP / DeepSpeed (sharded weights)")
                 else:
                     (out_dir / "samples").mkdir(exist_ok=True)
-                    note = write_samples(accelerator.unwrap_model(model), tokenizer, out_dir / "samples" / f"step-{state.step}.png", args.seed)
+                    note = write_samples(accelerator.unwrap_model(model), tokenizer, out_dir / "samples" / f"step-{state.step}.png",
+                                         args.seed, prompts)  # fmt: skip
                     if note not in notes:
                         notes.append(note)
             if stopping:

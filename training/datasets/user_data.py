@@ -70,7 +70,7 @@ def load_user_dataset(path: Path, streaming: bool = False):
         builder, kwargs = str(path), {}
     try:
         return datasets.load_dataset(builder, split="train", streaming=streaming, **kwargs)
-    except (ValueError, FileNotFoundError, OSError, datasets.exceptions.DatasetGenerationError) as err:
+    except Exception as err:  # noqa: BLE001 - datasets' builders raise many kinds (even StopIteration on an empty file)
         raise DataError(f"{path} cannot be read as a dataset ({type(err).__name__}: {err})") from None
 
 
@@ -179,7 +179,8 @@ class UserTextSource(TextSource):
 
     def texts(self) -> list[str]:
         r = self.rows_
-        return [r.text(i, row) for i, row in r.rows([r.caption_column]) if row[r.caption_column].strip()]
+        blank = lambda value: isinstance(value, str) and not value.strip()  # noqa: E731 - blank lines of text files
+        return [r.text(i, row) for i, row in r.rows([r.caption_column]) if not blank(row[r.caption_column])]
 
 
 @register_dataset
