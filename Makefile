@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup setup-dev demo test space bench
+.PHONY: setup setup-dev demo test lint space bench
 
 $(VENV)/.deps: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ demo: $(VENV)/.deps
 
 test: $(VENV)/.dev
 	$(PY) -m pytest
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check .
 
 space: $(VENV)/.deps
 	$(PY) space/app.py
