@@ -575,9 +575,10 @@ def train(args) -> dict:
             shutil.rmtree(stale, ignore_errors=True)
         kept = [r for r in read_log(log_path) if r["step"] <= state.step]  # steps after the checkpoint are redone
         log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        n_params = sum(p.numel() for n, p in accelerator.unwrap_model(model).named_parameters() if not n.startswith("model.vae."))
+        named = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if not n.startswith("model.vae.")]
+        n_params, n_trainable = sum(p.numel() for _, p in named), sum(p.numel() for _, p in named if p.requires_grad)
         run_info = {"args": vars(args), "processes": world, "global_batch": global_batch, "grad_accum": grad_accum, "split_text": split_text,
-                    "transformer_parameters": n_params, "device": str(accelerator.device),
+                    "transformer_parameters": n_params, "trainable_parameters": n_trainable, "device": str(accelerator.device),
                     "distributed_type": str(accelerator.distributed_type), "config": config.to_dict()}  # fmt: skip
         (out_dir / "run.json").write_text(json.dumps(run_info, indent=1, default=str))
         say(f"{n_params / 1e6:.2f}M transformer parameters; {world} process(es) × batch {args.batch_size} × "
