@@ -75,6 +75,21 @@ def test_jsonl_rows_with_image_paths_and_text_rows(tmp_path):
     assert images.is_dir()
 
 
+def test_captions_beside_images(tmp_path):
+    root = tmp_path / "pairs"
+    root.mkdir()
+    for i, name in enumerate(COLOURS):
+        PIL.Image.new("RGB", (32, 32), COLOURS[name]).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(f"a {name} square\n")
+    source = build_sources(options("--dataset", str(root)), ["pairs"])["pairs"]
+    assert source.captions(3) == ["a red square", "a blue square", "a green square"]
+    centre = ((torch.cat(list(source.pixels(3)))[:, :, 16, 16] + 1) * 127.5).round()
+    assert centre.tolist() == [list(c) for c in COLOURS.values()]
+    (root / "1.txt").unlink()
+    with pytest.raises(DataError, match=r"the images \['1.png'\] have no caption file beside them"):
+        build_sources(options("--dataset", str(root)), ["pairs"])
+
+
 def test_a_text_folder_is_a_text_source(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("first line of text\n\nsecond line of text\n")

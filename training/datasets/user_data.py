@@ -6,6 +6,7 @@ PATH may be
   the layout diffusers' training scripts read): ``file_name,text``;
 - a JSONL, JSON, CSV or Parquet file of rows with a caption column and an image column (a path relative to the file,
   or an ``imagefolder``-style image); rows without an image are text rows;
+- a folder of images each with its caption in a same-name ``.txt`` beside it (``000.png`` + ``000.txt``);
 - a folder of ``.txt`` files, or one ``.txt`` file: text, one row per line (``datasets``' ``text`` builder);
 - a folder written by ``Dataset.save_to_disk``, or any other folder ``datasets.load_dataset`` reads.
 A source with an image column gives (image, caption) pairs, one without gives text rows. Images of any size and mode
@@ -31,6 +32,7 @@ from modeling_transfusion.processing_transfusion import prepare_image
 from .base import DATASETS, ImageCaptionSource, Source, TextSource, register_dataset
 
 TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 class DataError(ValueError):
@@ -62,6 +64,14 @@ def load_user_dataset(path: Path, streaming: bool = False):
         if builder is None:
             raise DataError(f"{path}: a data file is one of {sorted(TABLE_BUILDERS)}, got {path.suffix or 'no suffix'}")
         kwargs = {"data_files": str(path)}
+    elif not any(path.glob("metadata.*")) and _sidecar_images(path):
+        images = _sidecar_images(path)
+        missing = [p.name for p in images if not p.with_suffix(".txt").is_file()]
+        if missing:
+            raise DataError(f"{path}: the images {missing[:5]} have no caption file beside them (same name, .txt)")
+        rows = {"image": [str(p) for p in images], "text": [p.with_suffix(".txt").read_text().strip() for p in images]}
+        data = datasets.Dataset.from_dict(rows)
+        return data.to_iterable_dataset() if streaming else data
     elif any(path.glob("metadata.*")) or not any(path.rglob("*.txt")):
         builder, kwargs = "imagefolder", {"data_dir": str(path)}
     elif all(p.suffix == ".txt" for p in path.rglob("*") if p.is_file()):
@@ -72,6 +82,12 @@ def load_user_dataset(path: Path, streaming: bool = False):
         return datasets.load_dataset(builder, split="train", streaming=streaming, **kwargs)
     except Exception as err:  # noqa: BLE001 - datasets' builders raise many kinds (even StopIteration on an empty file)
         raise DataError(f"{path} cannot be read as a dataset ({type(err).__name__}: {err})") from None
+
+
+def _sidecar_images(folder: Path) -> list[Path]:
+    """The images of a folder in the caption-beside-image layout (images and .txt files side by side), sorted."""
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return images if images and any(p.with_suffix(".txt").is_file() for p in images) else []
 
 
 def _fingerprint(path: Path, *options) -> str:
