@@ -256,6 +256,22 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"checkpoint file {path} is unreadable ({err})") from None
 
 
+def _by_name(optimizer_state: dict, model, optimizer) -> dict:
+    """An optimizer state saved without FSDP (`optimizer.state_dict()`: the parameters numbered in param-group order)
+    keyed by parameter name instead, as FSDP's `set_optimizer_state_dict` takes it; one saved under FSDP as it is."""
+    saved = [i for group in optimizer_state["param_groups"] for i in group["params"]]
+    if all(isinstance(i, str) for i in saved):
+        return optimizer_state
+    sizes, expected = ([len(g["params"]) for g in groups] for groups in (optimizer_state["param_groups"], optimizer.param_groups))
+    if sizes != expected:
+        raise ValueError(f"its parameter groups hold {sizes} parameters, this run's {expected}")
+    names = {id(p): n for n, p in model.named_parameters()}
+    current = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    name = dict(zip(saved, current))
+    return {"state": {name[i]: s for i, s in optimizer_state["state"].items()},
+            "param_groups": [{**group, "params": [name[i] for i in group["params"]]} for group in optimizer_state["param_groups"]]}  # fmt: skip
+
+
 def load_checkpoint(accelerator, folder: Path, model, optimizer, scheduler, state: TrainState) -> None:
     """Restore what `save_checkpoint` wrote into the prepared model and optimizer, the scheduler, `state` and this
     process's RNG states. Reads only safetensors and JSON (after `verify_checkpoint`); errors name the file."""
@@ -273,10 +289,13 @@ def load_checkpoint(accelerator, folder: Path, model, optimizer, scheduler, stat
     path = folder / MODEL_FILE
     try:
         if _is_fsdp(accelerator):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-            set_state_dict(model, optimizer.optimizer, model_state_dict=load_file(str(path)),
-                           optim_state_dict=optimizers["optimizer"], options=StateDictOptions(full_state_dict=True))  # fmt: skip
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(model, load_file(str(path)), options=options)
+            path = folder / OPTIMIZER_FILE
+            optimizer_state = _by_name(optimizers["optimizer"], model, optimizer)
+            set_optimizer_state_dict(model, optimizer.optimizer, optimizer_state, options=options)
         else:
             load_model(accelerator.unwrap_model(model), str(path), device="cpu")
             path = folder / OPTIMIZER_FILE

@@ -478,9 +478,11 @@ def train(args) -> dict:
     )
     say = accelerator.print
     world, rank = accelerator.num_processes, accelerator.process_index
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+    # (on CPU processes accelerate turns a DeepSpeed launch into DDP: the launcher's variable says what was asked)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise CheckpointError("DeepSpeed saves and resumes its state through pickles, and this script's checkpoints are "
                               "safetensors + JSON only; train sharded with FSDP (training/configs/accelerate_fsdp.yaml) or DDP")
+    _check_distributed(accelerator)
     resume_from = resolve_resume(args, ckpt_root)
     if resume_from is not None:
         verify_checkpoint(resume_from)
@@ -524,9 +526,10 @@ def train(args) -> dict:
     first = {k: v for k, v in args.image_first_prob.items() if k in images}
     prompts = sample_prompts({name: source.captions for name, source in images.items()})
     dataset = MixtureDataset(images, texts, mix, first, args.seed)
-    # DeepSpeed counts backward calls as accumulation steps: one forward per micro-batch there.
+    # DeepSpeed counts backward calls as accumulation steps, and every FSDP forward is a collective that all ranks
+    # must make as often: one forward per micro-batch there.
     split_text = accelerator.device.type == "cpu" if args.split_text is None else args.split_text
-    split_text = split_text and accelerator.distributed_type != DistributedType.DEEPSPEED
+    split_text = split_text and accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     collator = TransfusionCollator(processor, args.max_text_tokens, split_text=split_text)
 
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
@@ -541,6 +544,8 @@ def train(args) -> dict:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # no prepared DataLoader tells DeepSpeed the micro-batch
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.is_fsdp2:  # a rank whose micro-batch has no image skips the image path: it reduces zeros for it
+        model.set_reduce_scatter_unused_params(True)  # (FSDP2's find_unused_parameters)
     grad_accum = accelerator.gradient_accumulation_steps  # DeepSpeed's config may override the flag
     global_batch = args.batch_size * world * grad_accum
     state = TrainState(global_batch=global_batch, batch_size=args.batch_size, seed=args.seed)
@@ -727,6 +732,32 @@ def train(args) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _check_distributed(accelerator) -> None:
+    """Refuse a launch that accelerate did not set up as launched, and run an FSDP launch on CPU processes sharded.
+
+    accelerate 1.15 enters FSDP only from a GPU-like distributed type (`AcceleratorState.__init__`): on CPU processes
+    (ACCELERATE_USE_CPU=true or --cpu) an FSDP config silently becomes DDP over gloo. Here it gets the switch accelerate
+    makes on GPUs: the FSDP plugin from the launcher's FSDP_* variables, FSDP as the distributed type of both states;
+    `prepare` then shards the model with accelerate's own FSDP2 path (`fully_shard`), its collectives over gloo."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # else every process would train alone, into the same output folder
+        raise SystemExit(f"this process is one of {launched} launched (WORLD_SIZE), but accelerate set up "
+                         f"{accelerator.num_processes}: without a GPU, set ACCELERATE_USE_CPU=true or pass --cpu (an "
+                         "accelerate config's use_cpu does not reach the processes of a multi-process launch)")  # fmt: skip
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        if accelerator.mixed_precision == "fp16":
+            raise SystemExit("FSDP on CPU processes: --mixed-precision fp16 is not supported (use no or bf16)")
+        plugin = FullyShardedDataParallelPlugin()
+        if accelerator.mixed_precision != "no":
+            plugin.set_mixed_precision(accelerator.mixed_precision)
+        accelerator.state.fsdp_plugin = plugin
+        accelerator.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def _reset_accelerate() -> None:
