@@ -88,10 +88,12 @@ def main(argv=None):
     for leg, r in legs.items():
         step, m = r["points"][-1]
         lines.append(f"| {LEGS[leg]} | {step} | " + " | ".join(fmt(m[k], k) for k in METRICS) + " |")
-    lines += ["", "| leg | parameters | trainable | training tokens | training wall time (s) | 6·N_trainable·D (GFLOP, estimate) |",
+    # every token runs through one expert: a MoT model costs the dense model's FLOPs per token (6·N·D, N dense)
+    dense = next((r["parameters"] for leg, r in legs.items() if leg in ("text", "dense")), None)
+    lines += ["", "| leg | parameters | trainable | training tokens | training wall time (s) | 6·N_dense·D (TFLOP, estimate) |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for leg, r in legs.items():
-        flops = 6 * r["trainable"] * r["tokens"] / 1e9 if r["trainable"] and r["tokens"] else None
+        flops = 6 * dense * r["tokens"] / 1e12 if dense and r["tokens"] else None
         seconds = f"{r['seconds']:.0f}" if r["seconds"] else "–"
         lines.append(f"| {leg} | {fmt(r['parameters'])} | {fmt(r['trainable'])} | {fmt(r['tokens'])} | {seconds} | "
                      f"{fmt(flops)} |")  # fmt: skip
