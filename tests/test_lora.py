@@ -18,7 +18,6 @@ from training.finetune_lora import (
     concept_world,
     detect_concept_objects,
     main,
-    read_examples,
     render_objects,
 )
 
@@ -187,7 +186,7 @@ def write_folder(folder, n=4):
         caption, objects = _concept_spec(rng, "purple")
         PIL.Image.fromarray(render_objects(objects, palette)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(caption)
-    (folder / "extra.jsonl").write_text(json.dumps({"text": "a line of plain text"}) + "\n")
+    (folder.parent / "extra.jsonl").write_text(json.dumps({"text": "a line of plain text"}) + "\n")
 
 
 def test_finetune_script_writes_a_loadable_adapter(tokenizer, tmp_path, capsys):
@@ -195,10 +194,12 @@ def test_finetune_script_writes_a_loadable_adapter(tokenizer, tmp_path, capsys):
     write_folder(tmp_path / "data")
     (tmp_path / "notes.txt").write_text("first text row\n\nsecond text row\n")
     out = tmp_path / "adapter"
-    main(["--base", str(tmp_path / "base"), "--data", str(tmp_path / "data"), "--text", str(tmp_path / "notes.txt"),
-          "--steps", "3", "--batch-size", "3", "--output", str(out), "--threads", "1", "--log-every", "1",
-          "--train-patch-modules"])  # fmt: skip
-    assert f"wrote the LoRA adapter to {out}" in capsys.readouterr().out
+    main(["--base", str(tmp_path / "base"), "--data", str(tmp_path / "data"), "--data", str(tmp_path / "extra.jsonl"),
+          "--text", str(tmp_path / "notes.txt"), "--steps", "3", "--batch-size", "3", "--output", str(out),
+          "--threads", "1", "--log-every", "1", "--train-patch-modules", "--latent-cache", str(tmp_path / "cache")])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "7 examples (data0: 4, data1: 1, text0: 2)" in printed, printed  # training.train's readers
+    assert f"wrote the LoRA adapter to {out}" in printed
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
@@ -214,17 +215,21 @@ def test_finetune_script_writes_a_loadable_adapter(tokenizer, tmp_path, capsys):
     assert_same(run(pipe.transformer), base, rtol=0, atol=0)
 
 
-def test_finetune_help_and_data_errors(tmp_path, capsys):
+def test_finetune_help_and_data_errors(tokenizer, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0 and "--train-patch-modules" in capsys.readouterr().out
+    make_pipe(tokenizer).save_pretrained(tmp_path / "base")
     (tmp_path / "d").mkdir()
-    PIL.Image.new("RGB", (32, 32)).save(tmp_path / "d" / "lonely.png")
-    with pytest.raises(ValueError, match="lonely.png has no caption file lonely.txt"):
-        read_examples([str(tmp_path / "d")])
+    for i in range(2):
+        PIL.Image.new("RGB", (32, 32)).save(tmp_path / "d" / f"{i}.png")
+    (tmp_path / "d" / "0.txt").write_text("a caption")
     (tmp_path / "bad.jsonl").write_text('{"image": "missing.png", "text": "x"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:1: image .*missing.png does not exist"):
-        read_examples([str(tmp_path / "bad.jsonl")])
+    base = ["--base", str(tmp_path / "base"), "--steps", "1", "--latent-cache", str(tmp_path / "cache")]
+    for data, message in ((tmp_path / "d", r"the images \['1.png'\] have no caption file beside them"),
+                          (tmp_path / "bad.jsonl", r"bad.jsonl row 0: the image .*missing.png cannot be read")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            main([*base, "--data", str(data)])
 
 
 @pytest.mark.parametrize("concept", ["purple", "cross"])

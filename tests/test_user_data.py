@@ -66,13 +66,17 @@ def test_crop_fills_the_square_instead_of_padding(tmp_path):
 def test_jsonl_rows_with_image_paths_and_text_rows(tmp_path):
     images = image_folder(tmp_path / "pictures", n=3)
     data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps({"caption": f"picture {i}", "picture": f"pictures/{i}.png"}) + "\n" for i in range(3)))
+    rows = [{"caption": f"picture {i}", "picture": f"pictures/{i}.png"} for i in range(3)]
+    rows.insert(1, {"caption": "a line of text", "picture": None})
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     args = options("--dataset", str(data), "--caption-column", "caption", "--image-column", "picture")
-    assert source_names(args)[-1] == "rows"  # named after the file's stem
+    assert source_names(args)[-2:] == ["rows", "rows_text"]  # named after the file's stem
     source = build_sources(args, ["rows"])["rows"]
     assert source.captions(3) == ["picture 0", "picture 1", "picture 2"]
     assert torch.cat(list(source.pixels(3))).shape == (3, 3, 32, 32)
     assert images.is_dir()
+    text = build_sources(args, ["rows_text"])["rows_text"]  # the rows without an image
+    assert text.modality == "text" and text.texts() == ["a line of text"]
 
 
 def test_captions_beside_images(tmp_path):

@@ -8,10 +8,13 @@ rows put the image first (captioning), as in pre-training.
     python -m training.finetune_lora --data my_images/ --output runs/lora-mine
     python -m training.finetune_lora --data captions.jsonl --text notes.txt --steps 300 --rank 16 --train-patch-modules
 
-Data (`--data`, repeatable): a folder of images (`.png`, `.jpg`, `.jpeg`, `.webp`), each with a caption in the
-same-name `.txt`, plus any `*.jsonl` files in it; or one JSONL file whose lines are `{"image": path, "text": caption}`
-(paths relative to the JSONL file) or `{"text": ...}` (a text-only row). `--text FILE` adds a plain-text file, one
-example per non-empty line.
+Data comes through the readers `training.train` uses (`training/datasets/user_data.py`, Hugging Face `datasets`):
+`--data PATH` (repeatable) is a folder of images each with a caption in the same-name `.txt`, an image folder with
+`metadata.jsonl`/`metadata.csv`, or a JSONL/CSV/Parquet file of `{"image": path, "text": caption}` rows (paths
+relative to the file; rows without an image are text rows); `--text FILE` adds a plain-text file, one example per
+non-empty line; `--dataset NAME=PATH` and the column, fit and streaming flags are `training.train`'s. Images are
+encoded once into the latent cache and rows are built by the same mixture stream and collator as pre-training
+(each example equally likely, image rows captioned first with `--image-first-prob`).
 
 The result is a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`) that loads with
 `TransfusionPipeline.load_lora_weights(path)` or `model.load_adapter(path)`.
@@ -25,13 +28,10 @@ Concept experiment (a shape or colour the base model never saw; see docs/lora_an
 
 import argparse
 import json
-import math
 import os
-import random
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -120,114 +120,42 @@ def add_lora(model, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, ta
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Example:
-    text: str
-    image: Path | None = None
+def data_sources(args, image_size: int) -> list:
+    """The image–caption and text sources of `--data`, `--text` and `--dataset` (training.train's readers)."""
+    from training.datasets import UserDataset
+
+    specs = [f"data{i}={path}" for i, path in enumerate(args.data)] + [f"text{i}={path}" for i, path in enumerate(args.text)]
+    args.dataset = specs + list(args.dataset)
+    sources = UserDataset.from_args(args, image_size)
+    if not sources:
+        raise ValueError("no training data: give --data, --text or --dataset")
+    return sources
 
 
-def _read_jsonl(path: Path) -> list[Example]:
-    examples = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{number}: each line needs a string 'text' (and optionally 'image'), got {line[:80]!r}")
-        image = record.get("image")
-        if image is not None:
-            image = Path(image) if Path(image).is_absolute() else path.parent / image
-            if not image.exists():
-                raise ValueError(f"{path}:{number}: image {image} does not exist")
-        examples.append(Example(record["text"], image))
-    return examples
+def build_stream(model, processor, args, log=print):
+    """The mixture stream over the sources (each example equally likely) and its collator, as in pre-training."""
+    from training.collate import MixtureDataset, TransfusionCollator, load_or_encode_latents
 
-
-def read_examples(data: list[str] = (), text_files: list[str] = ()) -> list[Example]:
-    """Captioned images and text rows from folders, JSONL files and plain-text files (see the module docstring)."""
-    examples: list[Example] = []
-    for item in data:
-        path = Path(item)
-        if path.is_dir():
-            for image in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-                caption = image.with_suffix(".txt")
-                if not caption.exists():
-                    raise ValueError(f"{image} has no caption file {caption.name} next to it")
-                examples.append(Example(caption.read_text().strip(), image))
-            for jsonl in sorted(path.glob("*.jsonl")):
-                examples += _read_jsonl(jsonl)
-        elif path.suffix == ".jsonl" and path.exists():
-            examples += _read_jsonl(path)
+    images, texts = {}, {}
+    for source in data_sources(args, model.config.image_size):
+        if source.modality == "text":
+            texts[source.name] = source.texts()
         else:
-            raise ValueError(f"--data {item}: expected a folder of images + .txt captions or a .jsonl file")
-    for item in text_files:
-        path = Path(item)
-        if not path.is_file():
-            raise ValueError(f"--text {item}: no such file")
-        examples += [Example(line.strip()) for line in path.read_text().splitlines() if line.strip()]
-    if not examples:
-        raise ValueError(f"no training examples found in --data {list(data)} / --text {list(text_files)}")
-    return examples
-
-
-class RowBuilder:
-    """Examples → model inputs, from the config's special ids (works for any tokenizer, converted ones included).
-
-    Image rows are `<|bos|> caption <|boi|> slots <|eoi|> <|eos|>`, or with probability `image_first_prob` the image
-    first (captioning); text rows `<|bos|> text <|eos|>`, cut to `max_text_tokens`."""
-
-    def __init__(self, tokenizer, config, image_first_prob: float = 0.2, max_text_tokens: int = 128, seed: int = 0):
-        from diffusers.image_processor import VaeImageProcessor
-
-        self.tokenizer, self.config = tokenizer, config
-        # a row (bos, text, image block, eos) must fit the model's positions
-        room = config.max_position_embeddings - config.image_slots - 4
-        self.image_first_prob, self.max_text_tokens = image_first_prob, min(max_text_tokens, room)
-        self.rng = random.Random(seed)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=1, do_resize=True, resample="bicubic")
-        self._pixels: dict[Path, torch.Tensor] = {}
-
-    def pixels(self, path: Path) -> torch.Tensor:
-        if path not in self._pixels:
-            size = self.config.image_size
-            with PIL.Image.open(path) as image:
-                self._pixels[path] = self.image_processor.preprocess(image.convert("RGB"), height=size, width=size)[0]
-        return self._pixels[path]
-
-    def __call__(self, batch: list[Example]) -> dict[str, torch.Tensor]:
-        c = self.config
-        rows, pixels = [], []
-        for ex in batch:
-            # special-token strings in user text stay plain text, as in the processor and the pipeline
-            text = self.tokenizer(ex.text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-            text = text[: self.max_text_tokens]
-            if ex.image is None:
-                rows.append([c.bos_token_id, *text, c.eos_token_id])
-                continue
-            image = [c.boi_token_id] + [c.image_token_id] * c.image_slots + [c.eoi_token_id]
-            first = self.rng.random() < self.image_first_prob
-            rows.append([c.bos_token_id, *(image + text if first else text + image), c.eos_token_id])
-            pixels.append(self.pixels(ex.image))
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), c.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if pixels:
-            batch["pixel_values"] = torch.stack(pixels)
-        return batch
+            images[source.name] = load_or_encode_latents(model, source, None, args.latent_cache, log=log)
+    sizes = {name: len(rows) for name, rows in {**images, **texts}.items()}
+    if not sum(sizes.values()):
+        raise ValueError(f"no training examples in {sorted(sizes)}")
+    stream = MixtureDataset(images, texts, {k: v / sum(sizes.values()) for k, v in sizes.items()},
+                            dict.fromkeys(images, args.image_first_prob), args.seed)  # fmt: skip
+    return stream, TransfusionCollator(processor, args.max_text_tokens, split_text=False), sizes
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from training.datasets import UserDataset
+
     p = argparse.ArgumentParser(
         prog="python -m training.finetune_lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -235,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", default=[], help="image folder or JSONL file (repeatable)")
     p.add_argument("--text", action="append", default=[], help="plain-text file, one example per line (repeatable)")
     p.add_argument("--output", default="runs/lora", help="adapter folder to write (default: %(default)s)")
+    p.add_argument("--latent-cache", default="runs/latent-cache", help="folder of the images' cached VAE latents")
+    g = p.add_argument_group("data (training.train's readers)")
+    UserDataset.add_arguments(g)
     g = p.add_argument_group("adapter")
     g.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
     g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/r")
@@ -259,75 +190,64 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _lr_lambda(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train(args) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from modeling_transfusion import TransfusionDiffusionObjective
+    from modeling_transfusion import TransfusionDiffusionObjective, TransfusionProcessor
+    from training.collate import MicroBatchSampler
+    from training.train import WarmupCosine, forward_backward, micro_seed
 
     if args.threads:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     model, tokenizer = load_base(args.base)
-    examples = read_examples(args.data, args.text)
-    n_images = sum(ex.image is not None for ex in examples)
-    accelerator.print(f"{len(examples)} examples ({n_images} with images) from {args.data + args.text}")
+    processor = TransfusionProcessor.from_model_config(tokenizer, model.config)
+    stream, collator, sizes = build_stream(model, processor, args, log=accelerator.print)
+    accelerator.print(f"{sum(sizes.values())} examples ({', '.join(f'{k}: {v}' for k, v in sizes.items())})")
 
     model = add_lora(model, args.rank, args.alpha, args.dropout, args.target_modules, args.train_patch_modules)
     trainable, total = model.get_nb_trainable_parameters()
     accelerator.print(f"LoRA r={args.rank} on {args.target_modules}: {trainable:,} trainable of {total:,} parameters")
 
-    builder = RowBuilder(tokenizer, model.config, args.image_first_prob, args.max_text_tokens, args.seed)
     objective = TransfusionDiffusionObjective(model.config)  # noise, timesteps, caption dropout; the model predicts
-    generator = torch.Generator().manual_seed(args.seed)
-    loader = DataLoader(examples, batch_size=args.batch_size, shuffle=True, collate_fn=builder, generator=generator,
-                        drop_last=len(examples) >= args.batch_size)  # fmt: skip
+    batches = iter(MicroBatchSampler(args.batch_size))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_lambda(s, args.warmup_steps, args.steps))
-    model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
+    # pre-training's schedule: linear warm-up, then cosine to 10 % of the peak at the last step
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(args.warmup_steps, args.steps, 0.1))
+    model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     log = (output / "train_log.jsonl").open("w")
     model.train()
-    step, started = 0, time.time()
+    started = time.time()
     sums = {"loss": 0.0, "lm_loss": 0.0, "diffusion_loss": 0.0, "n": 0}
     progress = tqdm(total=args.steps, disable=not accelerator.is_local_main_process, desc="LoRA")
-    while step < args.steps:
-        for batch in loader:
-            out = objective(model, **batch)
-            accelerator.backward(out.loss)
-            if args.max_grad_norm:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            sums["n"] += 1
-            for key in ("loss", "lm_loss", "diffusion_loss"):
-                value = getattr(out, key)
-                sums[key] += float(value.detach()) if value is not None else 0.0
-            if step % args.log_every == 0 or step == args.steps:
-                record = {k: round(v / sums["n"], 5) for k, v in sums.items() if k != "n"}
-                record.update(step=step, lr=schedule.get_last_lr()[0], seconds=round(time.time() - started, 1))
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                progress.set_postfix(loss=record["loss"])
-                sums = dict.fromkeys(sums, 0.0) | {"n": 0}
-            progress.update()
-            if step >= args.steps:
-                break
+    for step in range(1, args.steps + 1):
+        indices = next(batches)
+        torch.manual_seed(micro_seed(args.seed, step - 1))  # the objective's timesteps, noise and dropout
+        stats = forward_backward(accelerator, model, objective, collator([stream[i] for i in indices])["parts"])
+        if args.max_grad_norm:
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums["n"] += 1
+        sums["loss"] += float(stats[0])
+        sums["lm_loss"] += float(stats[1])
+        sums["diffusion_loss"] += float(stats[2])
+        if step % args.log_every == 0 or step == args.steps:
+            record = {k: round(v / sums["n"], 5) for k, v in sums.items() if k != "n"}
+            record.update(step=step, lr=schedule.get_last_lr()[0], seconds=round(time.time() - started, 1))
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            progress.set_postfix(loss=record["loss"])
+            sums = dict.fromkeys(sums, 0.0) | {"n": 0}
+        progress.update()
     progress.close()
     log.close()
 

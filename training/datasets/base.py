@@ -105,7 +105,8 @@ def source_names(args: argparse.Namespace) -> list[str]:
     """Every dataset name --mix may weight: the built-in ones, then the --dataset ones."""
     from .user_data import parse_dataset_spec
 
-    return builtin_names() + [parse_dataset_spec(spec)[0] for spec in getattr(args, "dataset", None) or []]
+    user = [parse_dataset_spec(spec)[0] for spec in getattr(args, "dataset", None) or []]
+    return builtin_names() + [n for name in user for n in (name, f"{name}_text")]  # NAME_text: its rows without an image
 
 
 def rgb_to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -5,7 +5,7 @@ PATH may be
 - a folder of images with ``metadata.jsonl`` or ``metadata.csv`` holding a caption column (``datasets``' ``imagefolder``,
   the layout diffusers' training scripts read): ``file_name,text``;
 - a JSONL, JSON, CSV or Parquet file of rows with a caption column and an image column (a path relative to the file,
-  or an ``imagefolder``-style image); rows without an image are text rows;
+  or an ``imagefolder``-style image); rows without an image are text rows, a source of their own named NAME_text;
 - a folder of images each with its caption in a same-name ``.txt`` beside it (``000.png`` + ``000.txt``);
 - a folder of ``.txt`` files, or one ``.txt`` file: text, one row per line (``datasets``' ``text`` builder);
 - a folder written by ``Dataset.save_to_disk``, or any other folder ``datasets.load_dataset`` reads.
@@ -16,6 +16,7 @@ it in memory (the latents are cached once, so training itself never rereads it).
 """
 
 import argparse
+import copy
 import hashlib
 import io
 import itertools
@@ -130,9 +131,21 @@ class _UserRows:
                 self.data = self.data.map(lambda row: {self.image_column: str(base / row[self.image_column])}
                                           if row[self.image_column] else row)  # fmt: skip
             self.data = self.data.cast_column(self.image_column, datasets.Image(decode=False))
+            column = self.image_column
+            self.text_data = self.data.filter(lambda row: row[column] is None)  # rows without an image: text rows
+            self.data = self.data.filter(lambda row: row[column] is not None)
         self.length = None if self.streaming else len(self.data)
-        if self.length == 0 or (self.streaming and next(iter(self.data), None) is None):
+        if (self.length == 0 or (self.streaming and next(iter(self.data), None) is None)) and not (
+                self.has_images and next(iter(self.text_data), None) is not None):  # fmt: skip
             raise DataError(f"{path} holds no rows: a dataset needs at least one")
+
+    def text_rows(self) -> "_UserRows | None":
+        """The rows without an image, as a text dataset named NAME_text (None when there are none)."""
+        if next(iter(self.text_data), None) is None:
+            return None
+        rows = copy.copy(self)
+        rows.name, rows.data, rows.has_images, rows.length = f"{self.name}_text", self.text_data, False, None
+        return rows
 
     def rows(self, columns: list[str]) -> Iterator[tuple[int, dict]]:
         data = self.data.select_columns(columns)
@@ -231,5 +244,12 @@ class UserDataset(Source):
             if name in DATASETS or name in {s.name for s in sources}:
                 raise DataError(f"--dataset {spec!r}: the name {name!r} is taken; give another as NAME=PATH")
             rows = _UserRows(name, path, args)
-            sources.append(UserImageSource(rows, image_size, args.image_fit) if rows.has_images else UserTextSource(rows))
+            if not rows.has_images:
+                sources.append(UserTextSource(rows))
+                continue
+            if next(iter(rows.data), None) is not None:
+                sources.append(UserImageSource(rows, image_size, args.image_fit))
+            text_rows = rows.text_rows()
+            if text_rows is not None:  # a file of image rows and text rows: the text rows are a source of their own
+                sources.append(UserTextSource(text_rows))
         return sources
