@@ -10,7 +10,6 @@ shows that the whole path runs.
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import torch
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pipelines import TransfusionPipeline  # noqa: E402

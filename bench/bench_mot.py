@@ -11,13 +11,10 @@ text and image positions). On a GPU: `--device cuda --dtype bfloat16 --preset pa
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_training import mixed_batch  # noqa: E402
 from transformers import DynamicCache  # noqa: E402

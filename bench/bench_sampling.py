@@ -15,14 +15,12 @@ TransfusionConfig preset (--preset). On CUDA every timing synchronises the devic
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler  # noqa: E402
 from transformers import DynamicCache  # noqa: E402

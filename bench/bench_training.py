@@ -10,13 +10,10 @@ cuda --dtype bfloat16` and `--preset paper-0.16B` measure the paper sizes (and M
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 

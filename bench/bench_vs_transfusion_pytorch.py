@@ -32,7 +32,6 @@ import torch
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from diffusers import DDIMScheduler  # noqa: E402
 

@@ -42,14 +42,9 @@ soft-cap (50), and the text path's mean-centred LayerNorm (mapped to RMSNorm wit
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 SUPPORTED_VERSION = "0.20.0"
 MAPPED_OPTIONS = {

@@ -18,14 +18,9 @@ or `--token`; creates the repository if needed).
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from modeling_transfusion.scheduling_transfusion import SCHEDULER_NAMES  # noqa: E402  (after the path insert above)
+from modeling_transfusion.scheduling_transfusion import SCHEDULER_NAMES
 
 CARD_TEMPLATE = """---
 {metadata}

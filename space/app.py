@@ -99,8 +99,6 @@ def load_pipeline(model: str | Path | None = None, device: str | None = None):
             "folder, runs/transfusion-tiny/final, loads with --model too) and save it there as a TransfusionPipeline, "
             "or point --model / TRANSFUSION_MODEL at a saved pipeline folder or a Hub id (owner/name)."
         )
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
     try:
         from pipelines import TransfusionPipeline  # the repository's code (importing it registers the model classes)
     except ImportError:  # a Space without the repository: the pipeline code saved with the checkpoint

@@ -1,12 +1,10 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(int(os.environ.get("TRANSFUSION_THREADS", "1")))
 
@@ -20,6 +18,20 @@ TOKENIZER_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
     "Return a new list containing all items from the iterable in ascending order.",
 ] * 20
+
+
+PACKAGES = ("modeling_transfusion", "pipelines", "training", "conversion")
+
+
+def outside_repo_env(tmp_path, env=None) -> dict:
+    """The environment of a subprocess that runs as a user with only a saved folder: this repository's packages are
+    not importable there, although `make` installs them (editable) into the environment. A sitecustomize on
+    PYTHONPATH blocks them, so only a folder's own remote code can be used."""
+    guard = Path(tmp_path) / "outside-repo"
+    guard.mkdir(parents=True, exist_ok=True)
+    (guard / "sitecustomize.py").write_text(f"import sys\nsys.modules.update(dict.fromkeys({PACKAGES!r}))\n")
+    base = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)} if env is None else dict(env)
+    return {**base, "PYTHONPATH": str(guard)}
 
 
 def tiny_config(**overrides) -> TransfusionConfig:

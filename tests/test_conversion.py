@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import outside_repo_env, tiny_model
 from diffusers import AutoencoderKL, DDIMScheduler
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -332,7 +332,7 @@ def test_exported_folder_loads_as_remote_code_in_a_fresh_process(tmp_path, token
         print("ok")
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")})  # fmt: skip
+                            env=outside_repo_env(tmp_path, {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")}))  # fmt: skip
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 

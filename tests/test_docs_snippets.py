@@ -4,8 +4,9 @@ Each snippet runs on its own in a fresh interpreter (one torch thread, offline),
 does not define (an `image` from nowhere) fails here as it would for a reader.
 
 - README.md snippets run with the repository root as the working directory, as the README tells a reader to.
-- Model card snippets run as a Hub user runs them: the working directory is an empty temporary folder and the
-  environment has no PYTHONPATH, so this repository is not importable and only the folder's own code is used. The one
+- Model card snippets run as a Hub user runs them: the working directory is an empty temporary folder and this
+  repository's packages are blocked (`conftest.outside_repo_env`; `make` installs them editable into the
+  environment), so only the folder's own code is used. The one
   change made to them: the card's placeholder "path/to/this/folder" becomes the bundled folder's absolute path.
 
 A snippet fails if it raises, times out, or if a `from_pretrained` in it reports weights it did not load or did not
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import PACKAGES, outside_repo_env
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -28,7 +30,6 @@ CARD_FOLDER = ROOT / "checkpoints" / "transfusion-tiny"
 CARD = CARD_FOLDER / "README.md"
 PLACEHOLDER = "path/to/this/folder"
 TIMEOUT_S = 240  # per snippet; each takes a few seconds to a few tens of seconds on one thread
-PACKAGES = ("modeling_transfusion", "pipelines", "training", "conversion")
 
 
 def python_blocks(path: Path) -> list[str]:
@@ -39,11 +40,12 @@ SNIPPETS = [("README", i, code) for i, code in enumerate(python_blocks(README), 
 SNIPPETS += [("card", i, code.replace(PLACEHOLDER, str(CARD_FOLDER))) for i, code in enumerate(python_blocks(CARD), 1)]
 
 
-def snippet_env(tmp_path: Path) -> dict:
+def snippet_env(tmp_path: Path, outside_repo: bool = True) -> dict:
+    """A snippet's environment; `outside_repo`: as a Hub user's, where this repository is not importable."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TRANSFUSION_THREADS="1", MKL_NUM_THREADS="1",
                HF_MODULES_CACHE=str(tmp_path / "hf-modules"), TQDM_DISABLE="1")  # fmt: skip
-    return env
+    return outside_repo_env(tmp_path, env) if outside_repo else env
 
 
 def run_snippet(code: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
@@ -74,7 +76,7 @@ def test_card_snippets_cannot_import_the_repository(tmp_path):
 def test_snippet_runs(name, index, code, tmp_path):
     cwd = ROOT if name == "README" else tmp_path / "user"
     cwd.mkdir(exist_ok=True)
-    out = run_snippet(code, cwd, snippet_env(tmp_path))
+    out = run_snippet(code, cwd, snippet_env(tmp_path, outside_repo=name != "README"))
     log = out.stdout + out.stderr
     assert out.returncode == 0, f"{name} snippet {index} failed:\n{code}\n--- output ---\n{log[-4000:]}"
     report = [line for line in log.splitlines() if re.search(r"\b(MISSING|UNEXPECTED)\b", line)]

@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import outside_repo_env, tiny_model
 from diffusers import DDIMScheduler
 
 from pipelines import TransfusionPipeline
@@ -279,7 +279,7 @@ def test_load_lora_weights_through_remote_code_in_a_fresh_process(tokenizer, ada
         print("ok")
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")})  # fmt: skip
+                            env=outside_repo_env(tmp_path, {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")}))  # fmt: skip
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
     reloaded = TransfusionPipeline.from_pretrained(tmp_path / "fused")
     with torch.no_grad():

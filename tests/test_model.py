@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from conftest import outside_repo_env, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.masking_utils import create_causal_mask
 
@@ -186,7 +186,7 @@ def test_save_load_remote_code_in_fresh_process(tmp_path):
         print("REMOTE-OK")
         """
     )
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}
+    env = outside_repo_env(tmp_path)
     res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert "REMOTE-OK" in res.stdout, res.stderr[-3000:]
 

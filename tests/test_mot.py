@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import randomize_zero_init, tiny_config, tiny_model
+from conftest import outside_repo_env, randomize_zero_init, tiny_config, tiny_model
 from diffusers import DDIMScheduler
 from transformers import AutoModelForCausalLM, DynamicCache
 
@@ -170,7 +170,7 @@ def test_mot_save_load_native_and_remote_code(tmp_path):
         print("REMOTE-OK")
         """
     )
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    env = outside_repo_env(tmp_path, {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"})
     res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert "REMOTE-OK" in res.stdout, res.stderr[-3000:]
 

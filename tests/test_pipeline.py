@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import outside_repo_env, tiny_model
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -308,7 +308,7 @@ def test_save_load_remote_code_in_fresh_process(tmp_path, pipe):
         print("REMOTE-PIPELINE-OK")
         """
     )
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}
+    env = outside_repo_env(tmp_path)
     res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert "REMOTE-PIPELINE-OK" in res.stdout, res.stderr[-3000:]
 

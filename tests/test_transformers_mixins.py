@@ -27,7 +27,6 @@ import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from modeling_transfusion import TransfusionConfig, TransfusionForCausalLM, TransfusionModel  # noqa: E402
 

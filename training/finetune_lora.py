@@ -38,11 +38,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from modeling_transfusion.lora_transfusion import check_adapter  # noqa: E402  (the CLI checks adapters as the pipeline does)
+from modeling_transfusion.lora_transfusion import check_adapter  # the CLI checks adapters as the pipeline does
 
 DEFAULT_BASE = "checkpoints/transfusion-tiny"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
