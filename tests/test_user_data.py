@@ -4,6 +4,7 @@ data; training runs on it; bad data is named by file or row."""
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -79,8 +80,9 @@ def test_jsonl_rows_with_image_paths_and_text_rows(tmp_path):
     assert text.modality == "text" and text.texts() == ["a line of text"]
 
 
-def test_captions_beside_images(tmp_path):
-    root = tmp_path / "pairs"
+def test_captions_beside_images(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative PATH, as on a command line
+    root = Path("pairs")
     root.mkdir()
     for i, name in enumerate(COLOURS):
         PIL.Image.new("RGB", (32, 32), COLOURS[name]).save(root / f"{i}.png")

@@ -70,7 +70,8 @@ def load_user_dataset(path: Path, streaming: bool = False):
         missing = [p.name for p in images if not p.with_suffix(".txt").is_file()]
         if missing:
             raise DataError(f"{path}: the images {missing[:5]} have no caption file beside them (same name, .txt)")
-        rows = {"image": [str(p) for p in images], "text": [p.with_suffix(".txt").read_text().strip() for p in images]}
+        rows = {"image": [str(p.resolve()) for p in images],
+                "text": [p.with_suffix(".txt").read_text().strip() for p in images]}
         data = datasets.Dataset.from_dict(rows)
         return data.to_iterable_dataset() if streaming else data
     elif any(path.glob("metadata.*")) or not any(path.rglob("*.txt")):
