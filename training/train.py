@@ -525,7 +525,7 @@ def train(args) -> dict:
                 raise SystemExit(f"error: {err}") from None
     first = {k: v for k, v in args.image_first_prob.items() if k in images}
     prompts = sample_prompts({name: source.captions for name, source in images.items()})
-    dataset = MixtureDataset(images, texts, mix, first, args.seed)
+    dataset = MixtureDataset(images, texts, {k: w for k, w in mix.items() if w > 0}, first, args.seed)
     # DeepSpeed counts backward calls as accumulation steps, and every FSDP forward is a collective that all ranks
     # must make as often: one forward per micro-batch there.
     split_text = accelerator.device.type == "cpu" if args.split_text is None else args.split_text
