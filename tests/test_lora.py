@@ -198,17 +198,17 @@ def test_finetune_script_writes_a_loadable_adapter(tokenizer, tmp_path, capsys):
           "--text", str(tmp_path / "notes.txt"), "--steps", "3", "--batch-size", "3", "--output", str(out),
           "--threads", "1", "--log-every", "1", "--train-patch-modules", "--latent-cache", str(tmp_path / "cache")])  # fmt: skip
     printed = capsys.readouterr().out
-    assert "7 examples (data0: 4, data1: 1, text0: 2)" in printed, printed  # training.train's readers
-    assert f"wrote the LoRA adapter to {out}" in printed
-    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert f"wrote the LoRA adapter to {out / 'final'}" in printed
+    assert (out / "final" / "adapter_model.safetensors").exists() and (out / "final" / "adapter_config.json").exists()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]  # training.train's log
     assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
-    config = json.loads((out / "adapter_config.json").read_text())
+    assert list((tmp_path / "cache").glob("latents-data0-n4-u*.safetensors"))  # training.train's readers and cache
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert set(config["modules_to_save"]) == {"patch_encoder", "patch_decoder", "time_embed"}
 
     pipe = TransfusionPipeline.from_pretrained(tmp_path / "base")
     base = run(pipe.transformer)
-    pipe.load_lora_weights(out)
+    pipe.load_lora_weights(out / "final")
     adapted = run(pipe.transformer)
     assert not torch.allclose(adapted[1], base[1])  # the trained patch modules and LoRA act
     pipe.unload_lora_weights()
@@ -228,8 +228,8 @@ def test_finetune_help_and_data_errors(tokenizer, tmp_path, capsys):
     base = ["--base", str(tmp_path / "base"), "--steps", "1", "--latent-cache", str(tmp_path / "cache")]
     for data, message in ((tmp_path / "d", r"the images \['1.png'\] have no caption file beside them"),
                           (tmp_path / "bad.jsonl", r"bad.jsonl row 0: the image .*missing.png cannot be read")):  # fmt: skip
-        with pytest.raises(ValueError, match=message):
-            main([*base, "--data", str(data)])
+        with pytest.raises(SystemExit, match=message):
+            main([*base, "--data", str(data), "--output", str(tmp_path / "out")])
 
 
 @pytest.mark.parametrize("concept", ["purple", "cross"])
@@ -285,3 +285,26 @@ def test_load_lora_weights_through_remote_code_in_a_fresh_process(tokenizer, ada
     with torch.no_grad():
         torch.testing.assert_close(reloaded.transformer(input_ids=ids[:, :6]).logits, expected_logits[:, :6],
                                    atol=2e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_a_lora_run_resumes_on_the_same_curve(tokenizer, tmp_path):
+    """The LoRA script trains through training.train, so it checkpoints and resumes as pre-training does: a run stopped
+    at step 2 and resumed equals the straight run, loss for loss and byte for byte."""
+    from training import train as training
+    from training.finetune_lora import build_parser, train_argv
+
+    make_pipe(tokenizer).save_pretrained(tmp_path / "base")
+    write_folder(tmp_path / "data", n=6)
+    common = ["--base", str(tmp_path / "base"), "--data", str(tmp_path / "data"), "--steps", "4", "--batch-size", "2",
+              "--threads", "1", "--log-every", "1", "--latent-cache", str(tmp_path / "cache")]  # fmt: skip
+    main([*common, "--output", str(tmp_path / "straight")])
+    interrupted = train_argv(build_parser().parse_args([*common, "--output", str(tmp_path / "resumed")]))
+    training.main([*interrupted, "--stop-at-step", "2"])
+    main([*common, "--output", str(tmp_path / "resumed"), "--resume"])
+
+    def curve(run):
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+
+    assert curve("resumed") == curve("straight") and len(curve("straight")) == 4
+    adapter = "final/adapter_model.safetensors"
+    assert (tmp_path / "resumed" / adapter).read_bytes() == (tmp_path / "straight" / adapter).read_bytes()

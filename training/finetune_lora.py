@@ -16,8 +16,10 @@ non-empty line; `--dataset NAME=PATH` and the column, fit and streaming flags ar
 encoded once into the latent cache and rows are built by the same mixture stream and collator as pre-training
 (each example equally likely, image rows captioned first with `--image-first-prob`).
 
-The result is a PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`) that loads with
-`TransfusionPipeline.load_lora_weights(path)` or `model.load_adapter(path)`.
+Training runs through `training.train` (`--base --lora-rank …`, the one loop: same stream, collator, schedule,
+checkpoints and `--resume`). The result is a PEFT adapter folder, OUTPUT/final (`adapter_config.json`,
+`adapter_model.safetensors`), that loads with `TransfusionPipeline.load_lora_weights(path)` or
+`model.load_adapter(path)`; OUTPUT holds `log.jsonl`, `loss.png` and `checkpoints/`.
 
 Concept experiment (a shape or colour the base model never saw; see docs/lora_and_conversion.md):
 
@@ -29,7 +31,6 @@ Concept experiment (a shape or colour the base model never saw; see docs/lora_an
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -39,113 +40,16 @@ import PIL.Image
 import torch
 
 from modeling_transfusion.lora_transfusion import check_adapter  # the CLI checks adapters as the pipeline does
+from training.lora import DEFAULT_TARGETS, PATCH_MODULES, add_lora  # noqa: F401 - re-exported for the script's users
+from training.train import load_base
 
 DEFAULT_BASE = "checkpoints/transfusion-tiny"
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# trained in full (not LoRA) with --train-patch-modules: everything on the image path outside the backbone but the VAE
-PATCH_MODULES = ("patch_encoder", "patch_decoder", "time_embed")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading the base checkpoint
 # ----------------------------------------------------------------------------------------------------------------
-def load_base(path: str | os.PathLike):
-    """A Transfusion model and its tokenizer from a pipeline folder (`transformer/` + `tokenizer/`) or a model folder
-    (config, weights and tokenizer files side by side)."""
-    from transformers import AutoTokenizer
-
-    import modeling_transfusion  # noqa: F401  (registers the Auto classes)
-    from modeling_transfusion import TransfusionForCausalLM
-
-    root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"base checkpoint {root} not found (a saved TransfusionPipeline or model folder)")
-    model_dir = root / "transformer" if (root / "model_index.json").exists() else root
-    tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else model_dir
-    model = TransfusionForCausalLM.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return model, tokenizer
-
-
-def check_target_modules(model, targets) -> list[str]:
-    """The LoRA targets, validated: each must name a Linear/Conv/Embedding layer of the model outside the VAE."""
-    from torch import nn
-
-    targets = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
-    if not targets:
-        raise ValueError("no LoRA target modules given")
-    names = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) and ".vae." not in f".{name}."
-    ]
-    layers = {name.rsplit(".", 1)[-1] for name in names}
-    # PEFT matches a target by name suffix: "q_proj" (every expert), "self_attn.q_proj" (text), "image_self_attn.q_proj"
-    unknown = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
-    if unknown:
-        raise ValueError(
-            f"Unknown LoRA target module(s) {unknown}: this model's adaptable layers (VAE excluded) are named "
-            f"{sorted(layers)}"
-        )
-    return targets
-
-
-def add_lora(model, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, targets=DEFAULT_TARGETS,
-             train_patch_modules: bool = False, init_lora_weights=True):  # fmt: skip
-    """Wrap `model` in a PEFT LoRA model on `targets` (names checked first); returns the `PeftModel`."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = check_target_modules(model, targets)
-    if rank < 1:
-        raise ValueError(f"rank={rank} must be ≥ 1")
-    vae_names = {name.rsplit(".", 1)[-1] for name, _ in model.model.vae.named_modules()}
-    if vae_names & set(targets):  # a name the frozen VAE shares: match it everywhere but inside the VAE
-        targets = rf"^(?!model\.vae\.).*\.({'|'.join(map(re.escape, targets))})$"
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=targets,
-        modules_to_save=list(PATCH_MODULES) if train_patch_modules else None,
-        init_lora_weights=init_lora_weights,
-    )
-    return get_peft_model(model, config)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------------------
-def data_sources(args, image_size: int) -> list:
-    """The image–caption and text sources of `--data`, `--text` and `--dataset` (training.train's readers)."""
-    from training.datasets import UserDataset
-
-    specs = [f"data{i}={path}" for i, path in enumerate(args.data)] + [f"text{i}={path}" for i, path in enumerate(args.text)]
-    args.dataset = specs + list(args.dataset)
-    sources = UserDataset.from_args(args, image_size)
-    if not sources:
-        raise ValueError("no training data: give --data, --text or --dataset")
-    return sources
-
-
-def build_stream(model, processor, args, log=print):
-    """The mixture stream over the sources (each example equally likely) and its collator, as in pre-training."""
-    from training.collate import MixtureDataset, TransfusionCollator, load_or_encode_latents
-
-    images, texts = {}, {}
-    for source in data_sources(args, model.config.image_size):
-        if source.modality == "text":
-            texts[source.name] = source.texts()
-        else:
-            images[source.name] = load_or_encode_latents(model, source, None, args.latent_cache, log=log)
-    sizes = {name: len(rows) for name, rows in {**images, **texts}.items()}
-    if not sum(sizes.values()):
-        raise ValueError(f"no training examples in {sorted(sizes)}")
-    stream = MixtureDataset(images, texts, {k: v / sum(sizes.values()) for k, v in sizes.items()},
-                            dict.fromkeys(images, args.image_first_prob), args.seed)  # fmt: skip
-    return stream, TransfusionCollator(processor, args.max_text_tokens, split_text=False), sizes
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,78 +87,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=int(os.environ.get("TRANSFUSION_THREADS", "0")) or None,
                    help="torch CPU threads (default: torch's choice)")  # fmt: skip
     g.add_argument("--log-every", type=int, default=20)
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --output")
     return p
 
 
+def train_argv(args) -> list[str]:
+    """`training.train`'s command line for this LoRA run: the fine-tune runs through the one training loop (its
+    readers, stream, collator, schedule, checkpoints and resume), with LoRA-friendly defaults."""
+    data = [f"data{i}={path}" for i, path in enumerate(args.data)] + [f"text{i}={path}" for i, path in enumerate(args.text)]
+    argv = ["--base", str(args.base), "--output-dir", str(args.output), "--latent-cache", str(args.latent_cache),
+            "--lora-rank", str(args.rank), "--lora-alpha", str(args.alpha), "--lora-dropout", str(args.dropout),
+            "--lora-targets", args.target_modules, "--mix", "size", "--max-steps", str(args.steps),
+            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup-steps", str(args.warmup_steps),
+            "--min-lr-ratio", "0.1", "--betas", "0.9", "0.95", "--weight-decay", str(args.weight_decay),
+            "--clip", str(args.max_grad_norm), "--image-first-prob", str(args.image_first_prob),
+            "--max-text-tokens", str(args.max_text_tokens), "--mixed-precision", args.mixed_precision,
+            "--seed", str(args.seed), "--log-every", str(args.log_every), "--save-every", str(args.save_every),
+            "--sample-every", "0", "--caption-column", args.caption_column, "--image-column", args.image_column,
+            "--image-fit", args.image_fit]  # fmt: skip
+    for spec in data + list(args.dataset):
+        argv += ["--dataset", spec]
+    for flag, on in (("--lora-train-patch-modules", args.train_patch_modules), ("--streaming", args.streaming),
+                     ("--resume", args.resume)):  # fmt: skip
+        argv += [flag] if on else []
+    return argv + (["--threads", str(args.threads)] if args.threads else [])
+
+
 def train(args) -> Path:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+    from training import train as training
 
-    from modeling_transfusion import TransfusionDiffusionObjective, TransfusionProcessor
-    from training.collate import MicroBatchSampler
-    from training.train import WarmupCosine, forward_backward, micro_seed
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    set_seed(args.seed)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
-    model, tokenizer = load_base(args.base)
-    processor = TransfusionProcessor.from_model_config(tokenizer, model.config)
-    stream, collator, sizes = build_stream(model, processor, args, log=accelerator.print)
-    accelerator.print(f"{sum(sizes.values())} examples ({', '.join(f'{k}: {v}' for k, v in sizes.items())})")
-
-    model = add_lora(model, args.rank, args.alpha, args.dropout, args.target_modules, args.train_patch_modules)
-    trainable, total = model.get_nb_trainable_parameters()
-    accelerator.print(f"LoRA r={args.rank} on {args.target_modules}: {trainable:,} trainable of {total:,} parameters")
-
-    objective = TransfusionDiffusionObjective(model.config)  # noise, timesteps, caption dropout; the model predicts
-    batches = iter(MicroBatchSampler(args.batch_size))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    # pre-training's schedule: linear warm-up, then cosine to 10 % of the peak at the last step
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(args.warmup_steps, args.steps, 0.1))
-    model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
-
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    log = (output / "train_log.jsonl").open("w")
-    model.train()
     started = time.time()
-    sums = {"loss": 0.0, "lm_loss": 0.0, "diffusion_loss": 0.0, "n": 0}
-    progress = tqdm(total=args.steps, disable=not accelerator.is_local_main_process, desc="LoRA")
-    for step in range(1, args.steps + 1):
-        indices = next(batches)
-        torch.manual_seed(micro_seed(args.seed, step - 1))  # the objective's timesteps, noise and dropout
-        stats = forward_backward(accelerator, model, objective, collator([stream[i] for i in indices])["parts"])
-        if args.max_grad_norm:
-            accelerator.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        sums["n"] += 1
-        sums["loss"] += float(stats[0])
-        sums["lm_loss"] += float(stats[1])
-        sums["diffusion_loss"] += float(stats[2])
-        if step % args.log_every == 0 or step == args.steps:
-            record = {k: round(v / sums["n"], 5) for k, v in sums.items() if k != "n"}
-            record.update(step=step, lr=schedule.get_last_lr()[0], seconds=round(time.time() - started, 1))
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            progress.set_postfix(loss=record["loss"])
-            sums = dict.fromkeys(sums, 0.0) | {"n": 0}
-        progress.update()
-    progress.close()
-    log.close()
-
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(output)
-        settings = {k: v for k, v in vars(args).items() if k != "command"}
-        (output / "finetune_args.json").write_text(json.dumps(settings, indent=2) + "\n")
-    accelerator.print(f"wrote the LoRA adapter to {output}/ (adapter_config.json, adapter_model.safetensors, "
-                      f"train_log.jsonl) in {time.time() - started:.0f} s")  # fmt: skip
-    return output
+    training.main(train_argv(args))
+    output = Path(args.output)
+    print(f"wrote the LoRA adapter to {output / 'final'} (adapter_config.json, adapter_model.safetensors; log.jsonl "
+          f"and checkpoints/ in {output}) in {time.time() - started:.0f} s")  # fmt: skip
+    return output / "final"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -520,8 +388,8 @@ def main(argv=None):
         args = commands[argv[0]].parse_args(argv[1:])
         return render_concept(args) if argv[0] == "render-concept" else evaluate_concept(args)
     args = build_parser().parse_args(argv)
-    if not args.data and not args.text:
-        build_parser().error("give training data with --data and/or --text")
+    if not args.data and not args.text and not args.dataset:
+        build_parser().error("give training data with --data, --text and/or --dataset")
     return train(args)
 
 

@@ -46,6 +46,7 @@ from training.checkpoints import (
 )
 from training.collate import LatentCacheError
 from training.datasets import add_dataset_arguments
+from training.lora import DEFAULT_TARGETS, PATCH_MODULES
 from training.monitor import plot_losses, read_log, sample_prompts, write_samples
 
 DEFAULT_STEPS = 2000
@@ -109,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient-checkpointing", action="store_true")
     g = p.add_argument_group("data")
     g.add_argument("--mix", default="fashion=0.4,shapes=0.4,text=0.2",
-                   help="mixture weights by dataset name: the built-in fashion, shapes, text and any --dataset NAME")
+                   help="mixture weights by dataset name: the built-in fashion, shapes, text and any --dataset NAME; "
+                   "'size': the --dataset sources, every example equally likely")
     g.add_argument("--image-first-prob", default=0.2,
                    help="share of image→caption rows (paper: 0.2): one number, or per source, e.g. fashion=0.4,shapes=0.3")
     g.add_argument("--max-text-tokens", type=int, default=64, help="text rows are cut to a window of this many tokens")
@@ -118,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run a micro-batch's text rows and image rows as two padded batches: less padding, twice the "
                    "launches (default: on CPU, where it is 1.6-1.75x faster; off on GPU, where small models are launch-bound)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--base", help="fine-tune a saved model or pipeline folder: its config, weights and tokenizer (the "
+                   "model flags, --tokenizer and --vae are then unused; for a new run from weights whose architecture "
+                   "these flags give, use --init-from)")  # fmt: skip
+    g.add_argument("--lora-rank", type=int, default=0, help="train a LoRA adapter of this rank instead of every weight "
+                   "(0: full training); final/ then holds the adapter")  # fmt: skip
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha/rank")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA input")
+    g.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS), help="comma-separated layer names to adapt")
+    g.add_argument("--lora-train-patch-modules", action="store_true",
+                   help=f"with LoRA, also train {', '.join(PATCH_MODULES)} in full (PEFT modules_to_save)")
     add_dataset_arguments(p)
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, help=f"optimizer steps; the LR schedule spans them (a fresh run without --minutes: {DEFAULT_STEPS}; 0: none)")
@@ -230,6 +243,7 @@ RANGES = {
     "max_examples": (1, None, True), "max_text_tokens": (2, None, True), "shapes_count": (1, None, True),
     "workers": (0, None, True), "save_every": (0, None, True), "sample_every": (0, None, True),
     "warmup_steps": (0, None, True), "stop_at_step": (1, None, True), "noise_limit": (0, None, True),
+    "lora_rank": (0, None, True), "lora_alpha": (0, None, False), "lora_dropout": (0, 1, True),
 }  # fmt: skip
 NOTES = {"clip": " (0 disables clipping)", "save_every": " (0: only at the end)", "sample_every": " (0: at the end only)",
          "noise_limit": " (0 disables it)", "betas": ", below 1"}  # fmt: skip
@@ -283,7 +297,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         names = source_names(args)  # built in, then --dataset names (a bad --dataset spec is a usage error here)
         user = names[len(builtin_names()) :]
         args.image_first_prob = parse_image_first(args.image_first_prob, builtin_names("image") + user)
-        parse_mix(args.mix, names)  # checked here for a usage error; main() parses it again
+        if args.mix != "size":
+            parse_mix(args.mix, names)  # checked here for a usage error; main() parses it again
+        elif not args.dataset:
+            raise ValueError("--mix size weights the --dataset sources by their size: give --dataset NAME=PATH")
+        if args.base and args.init_from:
+            raise ValueError("--base fine-tunes a saved model as it is; --init-from starts these flags' model from weights: give one")
     except ValueError as err:
         parser.error(str(err))
     check_ranges(parser, args)
@@ -298,6 +317,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------------------
 # Model, tokenizer, VAE
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def load_base(path: str | os.PathLike):
+    """A Transfusion model and its tokenizer from a pipeline folder (`transformer/` + `tokenizer/`) or a model folder
+    (config, weights and tokenizer files side by side)."""
+    from transformers import AutoTokenizer
+
+    import modeling_transfusion  # noqa: F401  (registers the Auto classes)
+    from modeling_transfusion import TransfusionForCausalLM
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"base checkpoint {root} not found (a saved TransfusionPipeline or model folder)")
+    model_dir = root / "transformer" if (root / "model_index.json").exists() else root
+    tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else model_dir
+    model = TransfusionForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return model, tokenizer
 
 
 def load_tokenizer(path: str):
@@ -464,7 +501,7 @@ def train(args) -> dict:
 
     from modeling_transfusion import TransfusionDiffusionObjective, TransfusionProcessor
     from training.collate import MicroBatchSampler, MixtureDataset, TransfusionCollator, load_or_encode_latents, parse_mix
-    from training.datasets import DataError, build_sources, source_names
+    from training.datasets import DataError, build_sources, builtin_names, source_names
 
     t_start = time.time()
     torch.set_num_threads(args.threads)
@@ -487,9 +524,13 @@ def train(args) -> dict:
     if resume_from is not None:
         verify_checkpoint(resume_from)
 
-    tokenizer = load_tokenizer(args.tokenizer)
-    config = build_config(args, tokenizer, vae_config_from(args.vae))
-    model = build_model(config, args.vae, args.seed)
+    if args.base:
+        model, tokenizer = load_base(args.base)
+        config = model.config
+    else:
+        tokenizer = load_tokenizer(args.tokenizer)
+        config = build_config(args, tokenizer, vae_config_from(args.vae))
+        model = build_model(config, args.vae, args.seed)
     if args.init_from and resume_from is None:  # a resumed checkpoint already holds its weights
         load_initial_weights(model, args.init_from)
         say(f"initialised the weights from {args.init_from}")
@@ -503,12 +544,21 @@ def train(args) -> dict:
         say(f"--freeze-text: {len(frozen)} text tensors frozen")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if args.lora_rank:
+        from training.lora import add_lora
+
+        torch.manual_seed(args.seed)  # the adapter's initial weights follow the seed, as a fresh model's do
+        model = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets,
+                         args.lora_train_patch_modules)  # fmt: skip
+        trainable, total = model.get_nb_trainable_parameters()
+        say(f"LoRA r={args.lora_rank} on {args.lora_targets}: {trainable:,} trainable of {total:,} parameters")
     processor = TransfusionProcessor.from_model_config(tokenizer, config)
     objective = TransfusionDiffusionObjective(config)  # timesteps, noise, caption dropout; the model only predicts
 
-    mix = parse_mix(args.mix, source_names(args))
+    by_size = args.mix == "size"  # every example of the --dataset sources equally likely
+    mix = dict.fromkeys(source_names(args)[len(builtin_names()):], 1.0) if by_size else parse_mix(args.mix, source_names(args))
     try:
-        sources = build_sources(args, [k for k, w in mix.items() if w > 0], config.image_size)
+        sources = build_sources(args, [k for k, w in mix.items() if w > 0], config.image_size, strict=not by_size)
     except ValueError as err:  # user data that cannot be read: the message names the file or row
         raise SystemExit(f"error: {err}") from None
     images, texts = {}, {}
@@ -523,6 +573,8 @@ def train(args) -> dict:
                                                       device=accelerator.device, log=say)  # fmt: skip
             except DataError as err:
                 raise SystemExit(f"error: {err}") from None
+    if by_size:
+        mix = {name: float(len(rows)) for name, rows in {**images, **texts}.items()}
     first = {k: v for k, v in args.image_first_prob.items() if k in images}
     prompts = sample_prompts({name: source.captions for name, source in images.items()})
     dataset = MixtureDataset(images, texts, {k: w for k, w in mix.items() if w > 0}, first, args.seed)
@@ -580,7 +632,7 @@ def train(args) -> dict:
             shutil.rmtree(stale, ignore_errors=True)
         kept = [r for r in read_log(log_path) if r["step"] <= state.step]  # steps after the checkpoint are redone
         log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        named = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if not n.startswith("model.vae.")]
+        named = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if ".vae." not in f".{n}"]
         n_params, n_trainable = sum(p.numel() for _, p in named), sum(p.numel() for _, p in named if p.requires_grad)
         run_info = {"args": vars(args), "processes": world, "global_batch": global_batch, "grad_accum": grad_accum, "split_text": split_text,
                     "transformer_parameters": n_params, "trainable_parameters": n_trainable, "device": str(accelerator.device),
@@ -700,8 +752,10 @@ def train(args) -> dict:
                     notes.append("sample grids are skipped under FSDP / DeepSpeed (sharded weights)")
                 else:
                     (out_dir / "samples").mkdir(exist_ok=True)
-                    note = write_samples(accelerator.unwrap_model(model), tokenizer, out_dir / "samples" / f"step-{state.step}.png",
-                                         args.seed, prompts)  # fmt: skip
+                    unwrapped = accelerator.unwrap_model(model)
+                    unwrapped = unwrapped.get_base_model() if args.lora_rank else unwrapped  # its LoRA layers active
+                    note = write_samples(unwrapped, tokenizer, out_dir / "samples" / f"step-{state.step}.png", args.seed,
+                                         prompts)  # fmt: skip
                     if note not in notes:
                         notes.append(note)
             if stopping:

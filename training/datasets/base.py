@@ -79,7 +79,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
         cls.add_arguments(group)
 
 
-def build_sources(args: argparse.Namespace, names, image_size: int = 32) -> dict[str, "ImageCaptionSource | TextSource"]:
+def build_sources(args: argparse.Namespace, names, image_size: int = 32, strict: bool = True) -> dict[str, "Source"]:
     """The sources `names` asks for (those --mix weights above zero), built from the parsed arguments, in registry
     order (built-in worlds first, then --dataset sources as given). User datasets are read even when unweighted, so
     a bad --dataset is named at once."""
@@ -90,7 +90,7 @@ def build_sources(args: argparse.Namespace, names, image_size: int = 32) -> dict
         for source in cls.from_args(args, image_size):
             sources[source.name] = source
     missing = sorted(set(names) - set(sources))
-    if missing:
+    if missing and strict:  # (not strict: those of `names` that exist, e.g. a NAME_text only where there are text rows)
         raise ValueError(f"--mix names dataset(s) {missing} that are neither built in ({', '.join(DATASETS)}) nor given "
                          "with --dataset NAME=PATH")  # fmt: skip
     return {name: source for name, source in sources.items() if name in names}
