@@ -35,7 +35,10 @@ mkdir -p "$OUT"
 train() {
   local leg=$1 steps=$2; shift 2
   local dir="$OUT/$leg"
-  for ((stop = EVAL_EVERY; stop <= steps; stop += EVAL_EVERY)); do
+  local stops=() stop
+  for ((stop = EVAL_EVERY; stop < steps; stop += EVAL_EVERY)); do stops+=("$stop"); done
+  stops+=("$steps")  # the last stage ends where the schedule does
+  for stop in "${stops[@]}"; do
     if [[ ! -f "$dir/eval/step-$stop.json" ]]; then
       local resume=()
       [[ -d "$dir/checkpoints" ]] && resume=(--resume)
