@@ -1,4 +1,4 @@
-"""Short scheduler names for command lines (training/evaluate.py, conversion/export_pipeline.py), checked against
+"""Short scheduler names for command lines (evaluation/evaluate.py, conversion/export_pipeline.py), checked against
 the model's diffusion type. The pipeline itself takes any diffusers scheduler object."""
 
 import inspect

@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 MODEL=${1:-checkpoints/transfusion-tiny}
 BASELINE=${2:-runs/text-baseline-3800/final}
 PY=${PYTHON:-.venv/bin/python}
-EVAL=("$PY" -m training.evaluate --model "$MODEL" --threads "${THREADS:-2}")
+EVAL=("$PY" -m evaluation.evaluate --model "$MODEL" --threads "${THREADS:-2}")
 SDE='{"algorithm_type": "sde-dpmsolver++"}' ODE='{"algorithm_type": "dpmsolver++"}'  # explicit: configs carry it over
 R=${OUT:-results}
 mkdir -p "$R/samplers" "$R/guidance"
@@ -32,7 +32,7 @@ fashion=(--tasks fashion --num-per-class 20)
 names=(ddim-20 dpm-20 dpm-sde-20 dpm-sde-25 ddpm-250)
 reports=()
 for n in "${names[@]}"; do reports+=("$R/samplers/$n.json"); done
-"$PY" -m training.evaluate --compare "${reports[@]}" --names "${names[@]}" --compare-out "$R/samplers/samplers.md"
+"$PY" -m evaluation.evaluate --compare "${reports[@]}" --names "${names[@]}" --compare-out "$R/samplers/samplers.md"
 
 # 3. Guidance with the pipeline's own sampler, 25 steps.
 reports=() names=()
@@ -40,6 +40,6 @@ for g in 1 2 3 5 7; do
     "${EVAL[@]}" "${fashion[@]}" --steps 25 --guidance "$g" --out "$R/guidance/g$g.json"
     reports+=("$R/guidance/g$g.json") names+=("g=$g")
 done
-"$PY" -m training.evaluate --compare "${reports[@]}" --names "${names[@]}" \
+"$PY" -m evaluation.evaluate --compare "${reports[@]}" --names "${names[@]}" \
     --compare-out "$R/guidance/guidance.md" --plot "$R/guidance/guidance.png"
 echo "wrote $R/transfusion-tiny.md, $R/samplers/samplers.md, $R/guidance/guidance.md"

@@ -20,7 +20,7 @@ TOKENIZER_TEXT = [
 ] * 20
 
 
-PACKAGES = ("modeling_transfusion", "pipelines", "training", "conversion")
+PACKAGES = ("modeling_transfusion", "pipelines", "training", "conversion", "evaluation", "experiments")
 
 
 def outside_repo_env(tmp_path, env=None) -> dict:

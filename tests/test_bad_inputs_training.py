@@ -185,7 +185,7 @@ def test_a_checkpoint_write_error_other_than_disk_full_is_named_too(assets, tmp_
 
 @pytest.fixture()
 def adapter(tmp_path) -> Path:
-    from training.finetune_lora import add_lora
+    from training.lora import add_lora
 
     add_lora(tiny_model(0), rank=2, init_lora_weights=False).save_pretrained(tmp_path / "adapter")
     return tmp_path / "adapter"
@@ -219,7 +219,7 @@ ADAPTER_CASES = {  # damage → (exception, what the message must say)
 
 @pytest.mark.parametrize("damage", list(ADAPTER_CASES))
 def test_a_bad_adapter_folder_is_named_before_anything_loads(damage, adapter):
-    from training.finetune_lora import check_adapter
+    from modeling_transfusion.lora_transfusion import check_adapter
 
     assert check_adapter(adapter) == adapter  # a freshly saved adapter passes
     spoil, error, message = ADAPTER_CASES[damage]
@@ -247,12 +247,12 @@ def test_the_pipeline_refuses_a_bad_adapter_folder_by_name(damage, adapter, toke
 
 
 def test_evaluate_concept_checks_the_adapter_before_scoring_the_base(adapter, tmp_path, monkeypatch):
-    from training import finetune_lora
+    from experiments import lora_concept
 
-    monkeypatch.setattr(finetune_lora, "load_base", lambda path: pytest.fail("the base model was loaded first"))
+    monkeypatch.setattr(lora_concept, "load_base", lambda path: pytest.fail("the base model was loaded first"))
     (adapter / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match=re.escape(str(adapter / "adapter_model.safetensors"))):
-        finetune_lora.main(["evaluate-concept", "--adapter", str(adapter), "--base", str(tmp_path)])
+        lora_concept.main(["evaluate", "--adapter", str(adapter), "--base", str(tmp_path)])
 
 
 # ----------------------------------------------------------------------------------------------------------------

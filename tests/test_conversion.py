@@ -258,7 +258,7 @@ def test_transfusion_pytorch_unexplained_tensors_and_shapes_are_errors(tmp_path)
 
 # -- export ---------------------------------------------------------------------------------------------------------
 def test_export_pipeline_with_card_lora_and_scheduler(tmp_path, tokenizer, monkeypatch, capsys):
-    from training.finetune_lora import add_lora
+    from training.lora import add_lora
 
     model = tiny_model(0)
     base = TransfusionPipeline(transformer=model, scheduler=DDIMScheduler.from_config(model.config.scheduler_config()),

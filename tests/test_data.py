@@ -32,7 +32,7 @@ from training.datasets import (
 )
 from training.datasets.shapes import HELDOUT_COUNTS, HELDOUT_RELATION_PAIRS, is_heldout, sample_scene
 from training.datasets.text import text_split_of
-from training.metrics import frechet_distance
+from evaluation.metrics import frechet_distance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,7 +269,7 @@ def test_vae_save_load_round_trip(tmp_path):
 
 
 def test_classifier_save_load_round_trip(tmp_path):
-    from training.classifier import FashionClassifier, load_classifier
+    from evaluation.classifier import FashionClassifier, load_classifier
 
     torch.manual_seed(0)
     model = FashionClassifier().eval()
@@ -281,7 +281,7 @@ def test_classifier_save_load_round_trip(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
         torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)  # float32 kernel choice may differ
     assert loaded.embed(x).shape == (4, 128) and loaded.predict(x).shape == (4,)
-    with pytest.raises(FileNotFoundError, match="training.classifier"):
+    with pytest.raises(FileNotFoundError, match="evaluation.classifier"):
         load_classifier(tmp_path / "missing")
 
 
@@ -300,8 +300,8 @@ def test_frechet_distance_matches_scipy_sqrtm_and_survives_dead_features():
 
 
 def test_reconstruction_reports_run_on_a_tiny_vae():
-    from training.classifier import FashionClassifier
-    from training.metrics import shapes_reconstruction_report, vae_reconstruction_report
+    from evaluation.classifier import FashionClassifier
+    from evaluation.metrics import shapes_reconstruction_report, vae_reconstruction_report
     from training.train_vae import build_vae
 
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 
 from training.datasets import SceneSpec, heldout_prompts, parse_caption, place_objects, render_scene, shapes_scene
-from training.detector import classify_shape, detect, detection_matches_scene, score_prompt
+from evaluation.detector import classify_shape, detect, detection_matches_scene, score_prompt
 
 torch.set_num_threads(int(os.environ.get("TRANSFUSION_THREADS", "1")))
 

@@ -12,9 +12,9 @@ from diffusers import DDIMScheduler
 
 from pipelines import TransfusionPipeline
 from training import evaluate
-from training.classifier import FashionClassifier
+from evaluation.classifier import FashionClassifier
 from training.datasets import SceneSpec, load_fashion_mnist
-from training.metrics import frechet_distance
+from evaluation.metrics import frechet_distance
 
 TINY_COUNTS = [
     "--steps", "2", "--num-per-class", "2", "--shapes-prompts", "5", "--caption-per-class", "1",
@@ -118,7 +118,7 @@ def test_scheduler_swap_keeps_the_noise_schedule_and_applies_overrides(folders):
 
 
 def test_the_sampler_row_names_the_dpm_solver_variant():
-    from training.report import summary_rows
+    from evaluation.report import summary_rows
 
     def sampler(variant, overrides):
         cfg = {"scheduler_class": "DPMSolverMultistepScheduler", "scheduler_variant": variant, "steps": 25,
@@ -224,7 +224,7 @@ def test_evaluation_samples_at_the_pipelines_own_default_step_count(tokenizer):
     from diffusers import DDIMScheduler, DDPMScheduler
 
     from modeling_transfusion import TransfusionPipeline
-    from training.evaluate import default_steps
+    from evaluation.evaluate import default_steps
 
     model = tiny_model()
     config = model.config.scheduler_config()

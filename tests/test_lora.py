@@ -11,15 +11,9 @@ from conftest import outside_repo_env, tiny_model
 from diffusers import DDIMScheduler
 
 from pipelines import TransfusionPipeline
-from training.finetune_lora import (
-    DEFAULT_TARGETS,
-    _concept_spec,
-    add_lora,
-    concept_world,
-    detect_concept_objects,
-    main,
-    render_objects,
-)
+from experiments.lora_concept import _concept_spec, concept_world, detect_concept_objects, render_objects
+from training.finetune_lora import main
+from training.lora import DEFAULT_TARGETS, add_lora
 
 torch.set_num_threads(1)
 
@@ -235,7 +229,7 @@ def test_finetune_help_and_data_errors(tokenizer, tmp_path, capsys):
 @pytest.mark.parametrize("concept", ["purple", "cross"])
 def test_concept_renderer_and_detector_agree(concept):
     from training.datasets import shapes_images
-    from training.detector import detect
+    from evaluation.detector import detect
 
     palette, _ = concept_world(concept)
     rng = np.random.default_rng(5)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from modeling_transfusion import TransfusionPipeline
-from training.classifier import load_classifier
+from evaluation.classifier import load_classifier
 from training.datasets import FASHION_CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]

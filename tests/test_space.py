@@ -18,7 +18,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import ROOT, tiny_model
+from conftest import ROOT, outside_repo_env, tiny_model
 from diffusers import DDIMScheduler
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -353,7 +353,7 @@ def test_space_layout_loads_the_checkpoint_beside_app(model_dir, tmp_path):
         "demo = app.build_demo(pipe, 1)\n"
         "print('SPACE-OK', type(pipe).__name__, app.resolve_model())\n"
     )
-    env = {**app_env(), "PYTHONPATH": "", "HOME": str(tmp_path)}
+    env = outside_repo_env(tmp_path, {**app_env(), "HOME": str(tmp_path)})
     res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert "SPACE-OK TransfusionPipeline" in res.stdout, res.stderr[-3000:]
     assert str(tmp_path / "checkpoints" / "transfusion-tiny") in res.stdout

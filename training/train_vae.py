@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from training.datasets import fashion_to_tensor, load_fashion_mnist, rgb_to_tensor, shapes_images
-from training.metrics import reconstruct
+from evaluation.metrics import reconstruct
 from training.safe_state import load_state, save_state
 
 VAE_CONFIG = dict(

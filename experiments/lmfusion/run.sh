@@ -45,7 +45,7 @@ train() {
       "$PY" -m training.train "${MODEL[@]}" "$@" --max-steps "$steps" --stop-at-step "$stop" --save-every "$EVAL_EVERY" \
         --output-dir "$dir" "${resume[@]}"
       mkdir -p "$dir/eval"
-      "$PY" -m training.evaluate --model "$dir/final" "${EVAL[@]}" --out "$dir/eval/step-$stop.json"
+      "$PY" -m evaluation.evaluate --model "$dir/final" "${EVAL[@]}" --out "$dir/eval/step-$stop.json"
     fi
   done
 }

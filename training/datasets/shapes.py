@@ -339,7 +339,7 @@ class EvalPrompt(NamedTuple):
 def heldout_prompts(n: int, seed: int = 0) -> list[EvalPrompt]:
     """GenEval-style evaluation prompts: `n` (caption, spec, category) triples, categories in turn.
 
-    Categories and what a generated image must show to pass (see `training.detector.score_prompt`):
+    Categories and what a generated image must show to pass (see `evaluation.detector.score_prompt`):
 
     - ``single_object``: ``a {colour} {shape}`` — an object of that shape is present (any colour).
     - ``colour``:        ``a {colour} {shape}`` — an object of that shape *and* colour is present.

@@ -1,9 +1,9 @@
 """The evaluation suite: one command scores a Transfusion checkpoint on every task (text→image on Fashion-MNIST and
 the shapes world, image→text, text perplexity) and writes JSON + a markdown table.
 
-    python -m training.evaluate --model checkpoints/transfusion-tiny --out results/transfusion-tiny.json
-    python -m training.evaluate --model runs/ablation-causal/final --tasks fashion,shapes --scheduler ddim --steps 25
-    python -m training.evaluate --compare results/a.json results/b.json [--plot results/a-vs-b.png]
+    python -m evaluation.evaluate --model checkpoints/transfusion-tiny --out results/transfusion-tiny.json
+    python -m evaluation.evaluate --model runs/ablation-causal/final --tasks fashion,shapes --scheduler ddim --steps 25
+    python -m evaluation.evaluate --compare results/a.json results/b.json [--plot results/a-vs-b.png]
 
 Tasks (``--tasks``, comma-separated; default all):
 
@@ -55,8 +55,8 @@ from training.datasets import (
     tensor_to_rgb,
     text_corpus,
 )
-from training.metrics import frechet_distance
-from training.report import compare_plot, compare_table, markdown_table, save_grid, summary_rows
+from evaluation.metrics import frechet_distance
+from evaluation.report import compare_plot, compare_table, markdown_table, save_grid, summary_rows
 
 TASKS = ("fashion", "shapes", "caption", "text", "vae")
 FD_TARGET_RATIO = 1.5  # the issue's target: FD of generated images ≤ 1.5 × FD of the VAE's reconstructions
@@ -352,7 +352,7 @@ def eval_fashion(pipe, args, ref: FashionReference) -> tuple[dict, torch.Tensor]
 
 
 def eval_shapes(pipe, args) -> tuple[dict, np.ndarray]:
-    from training.detector import detect, score_prompt
+    from evaluation.detector import detect, score_prompt
 
     prompts = heldout_prompts(args.shapes_prompts, seed=args.data_seed)
     repeated = [p for p in prompts for _ in range(args.shapes_per_prompt)]
@@ -477,7 +477,7 @@ def eval_vae(pipe, args, ref: FashionReference) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m training.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m evaluation.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", default="checkpoints/transfusion-tiny", help="pipeline folder, or train.py's final/")
     p.add_argument("--out", help="JSON to write (default results/<model folder name>.json); the .md goes beside it")
@@ -587,7 +587,7 @@ def main(argv=None) -> dict | str:
     needs_classifier = {"fashion", "vae"} & set(args.tasks) or ("caption" in args.tasks and args.caption_per_class)
     ref = None
     if needs_classifier:
-        from training.classifier import load_classifier
+        from evaluation.classifier import load_classifier
 
         ref = FashionReference(load_classifier(args.classifier), args.fd_reference_per_class)
 
@@ -650,7 +650,7 @@ def main(argv=None) -> dict | str:
             "threads": args.threads,
             "device": args.device,
         },
-        "command": "python -m training.evaluate " + shlex.join(sys.argv[1:] if argv is None else list(argv)),
+        "command": "python -m evaluation.evaluate " + shlex.join(sys.argv[1:] if argv is None else list(argv)),
         "model_info": {**model_info(pipe), "scheduler_saved": saved_scheduler},
         "results": results,
         "wall_seconds": round(time.time() - start, 2),

@@ -1,7 +1,7 @@
 """Evaluation metrics: the Fréchet distance between feature sets, and the VAE reconstruction reports
 (Fashion-MNIST classifier accuracy on originals vs reconstructions; the shapes detector on held-out scenes).
 
-    python -m training.metrics --vae checkpoints/vae --classifier checkpoints/fmnist-classifier --n 10000
+    python -m evaluation.metrics --vae checkpoints/vae --classifier checkpoints/fmnist-classifier --n 10000
 """
 
 import argparse
@@ -19,7 +19,7 @@ from training.datasets import (
     shapes_scene,
     tensor_to_rgb,
 )
-from training.detector import detect, detection_matches_scene
+from evaluation.detector import detect, detection_matches_scene
 
 
 @torch.no_grad()
@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     from diffusers import AutoencoderKL  # noqa: PLC0415
 
-    from training.classifier import load_classifier  # noqa: PLC0415
+    from evaluation.classifier import load_classifier  # noqa: PLC0415
 
     vae, classifier = AutoencoderKL.from_pretrained(args.vae), load_classifier(args.classifier)
     report = {

@@ -1,6 +1,6 @@
 """The paper's ablations at toy scale: train small variants with the same budget, score each with the eval suite.
 
-    python -m training.run_ablations [--steps 800] [--threads 1] [--out results/ablations]
+    python -m experiments.run_ablations [--steps 800] [--threads 1] [--out results/ablations]
 
 Variants (Fashion-MNIST only, 20% image→caption rows, same seed, data and number of steps):
   base            linear 2×2 patches, bidirectional attention within an image, noise limit t ≤ 500 (the paper's)
@@ -10,7 +10,7 @@ Variants (Fashion-MNIST only, 20% image→caption rows, same seed, data and numb
   lambda-1        λ = 1 instead of 5 in L = L_LM + λ·L_diffusion (the paper settles on 5)
   lambda-20       λ = 20
 
-Each variant is trained by training/train.py into <out>/<variant>/ and evaluated by training/evaluate.py (text→image
+Each variant is trained by training/train.py into <out>/<variant>/ and evaluated by evaluation/evaluate.py (text→image
 class accuracy and FD, captions); a finished variant is skipped on a rerun, so an interrupted run resumes. The table
 goes to <out>/ablations.md.
 """
@@ -80,13 +80,13 @@ def main():
                 *VARIANTS[name],
             ])  # fmt: skip
         run([
-            python, "-m", "training.evaluate", "--model", str(run_dir / "final"), "--out", str(report),
+            python, "-m", "evaluation.evaluate", "--model", str(run_dir / "final"), "--out", str(report),
             "--tasks", "fashion,caption", "--scheduler", "ddim", "--steps", str(args.eval_steps),
             "--num-per-class", str(args.eval_per_class), "--caption-per-class", str(args.eval_per_class),
             "--caption-shapes", "0", "--threads", str(args.threads),
         ])  # fmt: skip
     run([
-        python, "-m", "training.evaluate", "--compare", *map(str, reports), "--names", *args.variants,
+        python, "-m", "evaluation.evaluate", "--compare", *map(str, reports), "--names", *args.variants,
         "--compare-out", str(out / "ablations.md"), "--plot", str(out / "ablations.png"),
     ])  # fmt: skip
     print(f"Wrote {out / 'ablations.md'} and {out / 'ablations.png'}")

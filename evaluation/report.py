@@ -1,7 +1,7 @@
-"""Reports of `training.evaluate`: the summary table of one report, side-by-side tables and bar charts of several,
+"""Reports of `evaluation.evaluate`: the summary table of one report, side-by-side tables and bar charts of several,
 and labelled sample grids.
 
-    python -m training.evaluate --compare results/a.json results/b.json --plot results/ab.png
+    python -m evaluation.evaluate --compare results/a.json results/b.json --plot results/ab.png
 """
 
 import math

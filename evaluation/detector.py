@@ -8,7 +8,7 @@ pixels at least half as bright as their palette colour (dim fringes would bridge
 are noise; (4) shape from the component: a triangle has much less area in its top half than in its bottom half;
 of the rest, a square fills its bounding box, a circle ~79%.
 
-    python -m training.detector --n 500      # accuracy on freshly rendered scenes
+    python -m evaluation.detector --n 500      # accuracy on freshly rendered scenes
 """
 
 import argparse

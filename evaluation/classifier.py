@@ -1,7 +1,7 @@
 """A small CNN that classifies Fashion-MNIST from (3, 32, 32) images in [-1, 1]; its penultimate features feed the
 Fréchet distance ("FD") used to evaluate generated images.
 
-    python -m training.classifier --epochs 3 --threads 1     # trains and saves to checkpoints/fmnist-classifier/
+    python -m evaluation.classifier --epochs 3 --threads 1     # trains and saves to checkpoints/fmnist-classifier/
 """
 
 import argparse
@@ -86,7 +86,7 @@ def load_classifier(path: str | os.PathLike = "checkpoints/fmnist-classifier") -
     """Load a saved classifier folder (config.json + model.safetensors), in eval mode."""
     path = Path(path)
     if not (path / WEIGHTS_NAME).exists():
-        raise FileNotFoundError(f"{path / WEIGHTS_NAME} not found; train one with `python -m training.classifier`")
+        raise FileNotFoundError(f"{path / WEIGHTS_NAME} not found; train one with `python -m evaluation.classifier`")
     raw = json.loads((path / CONFIG_NAME).read_text())
     fields = ClassifierConfig.__dataclass_fields__
     config = ClassifierConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields})

@@ -1,0 +1,1 @@
+"""Experiments run with the library and judged by evaluation/: ablations, the LoRA concept experiment, LMFusion."""
