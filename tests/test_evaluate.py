@@ -11,7 +11,7 @@ from conftest import tiny_model
 from diffusers import DDIMScheduler
 
 from pipelines import TransfusionPipeline
-from training import evaluate
+from evaluation import evaluate
 from evaluation.classifier import FashionClassifier
 from training.datasets import SceneSpec, load_fashion_mnist
 from evaluation.metrics import frechet_distance
