@@ -189,7 +189,8 @@ class TransfusionConfig(PreTrainedConfig):
         if model_type != cls.model_type:
             raise ValueError(
                 f"{where} has model_type {model_type!r}: this is not a Transfusion model (model_type "
-                f"{cls.model_type!r}); convert a Llama-family model with python -m conversion.convert_llama_to_transfusion"
+                f"{cls.model_type!r}); convert a Llama-family model with "
+                "python -m conversion.convert_llama_to_transfusion"
             )
         return config_dict, kwargs
 
@@ -198,7 +199,8 @@ class TransfusionConfig(PreTrainedConfig):
             raise ValueError(f"TransfusionConfig.{field}={value!r} is invalid: {allowed}")
 
         for field in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-                      "num_key_value_heads", "head_dim", "max_position_embeddings", "latent_channels", "latent_size"):  # fmt: skip
+                      "num_key_value_heads", "head_dim", "max_position_embeddings", "latent_channels",
+                      "latent_size"):  # fmt: skip
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(field, value, "must be a positive integer")
@@ -206,7 +208,9 @@ class TransfusionConfig(PreTrainedConfig):
         if not isinstance(self.vocab_size, int) or self.vocab_size < special_count:
             fail("vocab_size", self.vocab_size, f"must be an integer ≥ {special_count} (the special tokens)")
         if self.hidden_size % self.num_attention_heads:
-            fail("hidden_size", self.hidden_size, f"must be divisible by num_attention_heads={self.num_attention_heads}")
+            fail(
+                "hidden_size", self.hidden_size, f"must be divisible by num_attention_heads={self.num_attention_heads}"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             fail(
                 "num_key_value_heads",
@@ -230,7 +234,11 @@ class TransfusionConfig(PreTrainedConfig):
                 )
             bad = [c for c in self.unet_block_out_channels if c % self.unet_norm_groups]
             if bad:
-                fail("unet_block_out_channels", bad, f"each must be divisible by unet_norm_groups={self.unet_norm_groups}")
+                fail(
+                    "unet_block_out_channels",
+                    bad,
+                    f"each must be divisible by unet_norm_groups={self.unet_norm_groups}",
+                )
         if self.modality_experts not in MODALITY_EXPERTS:
             fail("modality_experts", self.modality_experts, f"allowed: {MODALITY_EXPERTS}")
         if self.image_attention not in IMAGE_ATTENTION:
@@ -246,7 +254,9 @@ class TransfusionConfig(PreTrainedConfig):
         if self.num_train_timesteps < 1:
             fail("num_train_timesteps", self.num_train_timesteps, "must be ≥ 1")
         if self.noise_limit_timestep is not None and not 0 < self.noise_limit_timestep <= self.num_train_timesteps:
-            fail("noise_limit_timestep", self.noise_limit_timestep, f"must be in (0, {self.num_train_timesteps}] or None")
+            fail(
+                "noise_limit_timestep", self.noise_limit_timestep, f"must be in (0, {self.num_train_timesteps}] or None"
+            )
         if not 0.0 <= self.caption_drop_prob < 1.0:
             fail("caption_drop_prob", self.caption_drop_prob, "must be in [0, 1)")
         if self.diffusion_loss_weight < 0:
@@ -285,7 +295,11 @@ class TransfusionConfig(PreTrainedConfig):
     def scheduler_config(self) -> dict:
         """Config of the diffusers scheduler that noises images in training (and samples by default)."""
         if self.diffusion_type == "flow_matching":
-            return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": self.num_train_timesteps, "shift": 1.0}
+            return {
+                "_class_name": "FlowMatchEulerDiscreteScheduler",
+                "num_train_timesteps": self.num_train_timesteps,
+                "shift": 1.0,
+            }
         return {
             "_class_name": "DDPMScheduler",
             "num_train_timesteps": self.num_train_timesteps,
@@ -294,7 +308,8 @@ class TransfusionConfig(PreTrainedConfig):
             "clip_sample": False,
             # Stated, not left to each sampler's default: DPM-Solver's "linspace" starts at t = 999, where the cosine
             # schedule leaves almost no signal and an ε-prediction's x0 estimate blows up (prompted-class accuracy
-            # 0.14 instead of 0.86 on the bundled model). "leading" starts about one stride below (DDIM 950, DPM-Solver 940 at 20 steps).
+            # 0.14 instead of 0.86 on the bundled model). "leading" starts about one stride below (DDIM 950,
+            # DPM-Solver 940 at 20 steps).
             "timestep_spacing": "leading",
         }
 

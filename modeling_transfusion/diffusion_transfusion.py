@@ -30,7 +30,9 @@ def image_follows_text(config: TransfusionConfig, input_ids, attention_mask, blo
     """(N,) bool: the image has text after it in its row, i.e. it comes before its caption (noise limiting)."""
     c = config
     eos = [c.eos_token_id] if isinstance(c.eos_token_id, int) else list(c.eos_token_id or [])
-    structural = [t for t in (c.bos_token_id, c.pad_token_id, c.boi_token_id, c.eoi_token_id, c.image_token_id) if t is not None]
+    structural = [
+        t for t in (c.bos_token_id, c.pad_token_id, c.boi_token_id, c.eoi_token_id, c.image_token_id) if t is not None
+    ]
     is_text = ~torch.isin(input_ids, torch.tensor(structural + eos, device=input_ids.device)) & attention_mask.bool()
     text_after = is_text.flip(-1).long().cumsum(-1).flip(-1) > 0  # (B, L): text at or after this position
     last_slot = (block_ids >= 0) & (F.pad(block_ids, (0, 1), value=-1)[:, 1:] != block_ids)  # one per image, row-major
@@ -89,7 +91,8 @@ class TransfusionDiffusionObjective:
     def drop_captions(self, input_ids, attention_mask, labels, block_ids, generator=None):
         """Caption dropout: in a row whose first image follows text, with probability `caption_drop_prob` hide that
         text (attention mask 0, so positions shift as if it were absent) and take the LM loss off the row, since an
-        unconditional row `<|bos|><|boi|>…` looks like a captioning prompt and must not teach the model to stop there."""
+        unconditional row `<|bos|><|boi|>…` looks like a captioning prompt and must not teach the model to stop
+        there."""
         c = self.config
         first_image = (block_ids >= 0).float().argmax(-1)  # (B,) first slot position (0 if none)
         has_image = (block_ids >= 0).any(-1)
@@ -135,7 +138,9 @@ class TransfusionDiffusionObjective:
             if image_timesteps is None:
                 image_first = image_follows_text(c, input_ids, attention_mask, blocks)
                 image_timesteps = self.sample_timesteps(image_first.to(input_ids.device), generator)
-            noise = torch.randn(image_latents.shape, generator=generator, device=image_latents.device, dtype=image_latents.dtype)
+            noise = torch.randn(
+                image_latents.shape, generator=generator, device=image_latents.device, dtype=image_latents.dtype
+            )
             image_latents, target = self.add_noise(image_latents, noise, image_timesteps)
             drop = model.training if drop_captions is None else drop_captions
             if drop and c.caption_drop_prob > 0 and "position_ids" not in model_kwargs:

@@ -17,7 +17,8 @@ def _text_name(image_name: str) -> str | None:
     """The text weight an image-expert weight mirrors (None for a weight that is no image expert)."""
     for image, text in ((".image_self_attn.", ".self_attn."), (".image_mlp.", ".mlp."),
                         (".image_input_layernorm.", ".input_layernorm."),
-                        (".image_post_attention_layernorm.", ".post_attention_layernorm."), (".image_norm.", ".norm.")):  # fmt: skip
+                        (".image_post_attention_layernorm.", ".post_attention_layernorm."),
+                        (".image_norm.", ".norm.")):  # fmt: skip
         if image in f".{image_name}":
             return f".{image_name}".replace(image, text, 1)[1:]
     return None

@@ -126,7 +126,9 @@ class TransfusionRotaryEmbedding(nn.Module):
         self.max_seq_len_cached = config.max_position_embeddings  # read by `dynamic_rope_update` (dynamic NTK)
         self.original_max_seq_len = config.max_position_embeddings
         self.rope_type = config.rope_parameters.get("rope_type", "default")
-        init_fn = self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        init_fn = (
+            self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        )
         inv_freq, self.attention_scaling = init_fn(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
@@ -233,7 +235,9 @@ class TransfusionAttention(TransfusionAttentionProjections):
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
 
-    def attend(self, query, key, value, position_embeddings, attention_mask, past_key_values=None, output_attentions=False):
+    def attend(
+        self, query, key, value, position_embeddings, attention_mask, past_key_values=None, output_attentions=False
+    ):
         """(B, L, H·d), (B, L, Hkv·d) ×2 projections → (B, L, H·d) attention output (before o_proj), weights."""
         input_shape = query.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
@@ -258,7 +262,9 @@ class TransfusionAttention(TransfusionAttentionProjections):
         )
         return output.reshape(*input_shape, -1).contiguous(), weights
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, output_attentions=False):
+    def forward(
+        self, hidden_states, position_embeddings, attention_mask, past_key_values=None, output_attentions=False
+    ):
         output, weights = self.attend(
             *self.qkv(hidden_states), position_embeddings, attention_mask, past_key_values, output_attentions
         )
@@ -421,9 +427,10 @@ class TransfusionPreTrainedModel(PreTrainedModel):
         loaded = model[0] if isinstance(model, tuple) else model  # (model, loading info) with output_loading_info
         damaged = nonfinite_weights(loaded)
         if damaged:
+            files = weight_files(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
             raise ValueError(
                 f"The weights loaded from {pretrained_model_name_or_path} hold NaN or infinite values in "
-                f"{', '.join(damaged[:5])}{' …' if len(damaged) > 5 else ''} (files: {weight_files(pretrained_model_name_or_path, kwargs.get('subfolder', ''))}); "
+                f"{', '.join(damaged[:5])}{' …' if len(damaged) > 5 else ''} (files: {files}); "
                 "the checkpoint is damaged: re-save or re-download it"
             )
         vae = getattr(loaded, "vae", None)  # TransfusionModel's attribute, TransfusionForCausalLM's property
@@ -753,7 +760,11 @@ class TransfusionForCausalLM(TransfusionPreTrainedModel, GenerationMixin):
         if kwargs.get("num_items_in_batch") is None and not (shift_labels != -100).any():
             return logits.sum() * 0.0  # no target in the batch: a zero loss that keeps the graph, not NaN
         return self.loss_function(
-            logits=logits, labels=None, vocab_size=self.config.vocab_size, shift_labels=shift_labels.contiguous(), **kwargs
+            logits=logits,
+            labels=None,
+            vocab_size=self.config.vocab_size,
+            shift_labels=shift_labels.contiguous(),
+            **kwargs,
         )
 
     # -- generation ----------------------------------------------------------------------------------------------
@@ -769,7 +780,11 @@ class TransfusionForCausalLM(TransfusionPreTrainedModel, GenerationMixin):
         **kwargs,
     ):
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
         )
         # Images enter with the prompt (the prefill, by ids or embeddings); later steps feed single text tokens and read
         # the images from the cache.

@@ -30,7 +30,8 @@ def prepare_image(image, image_size: int, background=(0, 0, 0)) -> tuple[PIL.Ima
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
             raise ValueError(
-                f"A numpy image must be uint8 HW or HWC with 1, 3 or 4 channels, got dtype {image.dtype} shape {image.shape}"
+                "A numpy image must be uint8 HW or HWC with 1, 3 or 4 channels, "
+                f"got dtype {image.dtype} shape {image.shape}"
             )
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[:, :, 0]
@@ -41,7 +42,8 @@ def prepare_image(image, image_size: int, background=(0, 0, 0)) -> tuple[PIL.Ima
         raise ValueError(f"image is empty (size {image.width}×{image.height}); an image needs at least 1×1 pixels")
     if image.mode not in SUPPORTED_IMAGE_MODES:
         raise ValueError(
-            f"Unsupported image mode {image.mode!r}; convert it to 'RGB' or 'L' first (supported: {SUPPORTED_IMAGE_MODES})"
+            f"Unsupported image mode {image.mode!r}; convert it to 'RGB' or 'L' first "
+            f"(supported: {SUPPORTED_IMAGE_MODES})"
         )
     steps = []
     transposed = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
@@ -95,7 +97,8 @@ class TransfusionProcessor(ProcessorMixin):
     def special_ids(self) -> dict[str, int]:
         """bos/eos/pad as the tokenizer declares them (a converted Llama tokenizer keeps its `<s>`, `</s>`), the image
         tokens by name."""
-        ids = {name: self._token_id(tok) for name, tok in [("boi", "<|boi|>"), ("eoi", "<|eoi|>"), ("image", "<|image|>")]}
+        image_tokens = [("boi", "<|boi|>"), ("eoi", "<|eoi|>"), ("image", "<|image|>")]
+        ids = {name: self._token_id(tok) for name, tok in image_tokens}
         for name in ("bos", "eos", "pad"):
             declared = getattr(self.tokenizer, f"{name}_token_id", None)
             ids[name] = declared if declared is not None else self._token_id(f"<|{name}|>")
@@ -126,8 +129,8 @@ class TransfusionProcessor(ProcessorMixin):
                 raise ValueError("An image tensor contains NaN or infinite values")
             low, high = float(image.min()), float(image.max())
             if low < -1.001 or high > 1.001:
-                raise ValueError(f"An image tensor must be (3, H, W) in [-1, 1], got values in [{low:.3g}, {high:.3g}]; "
-                                 "pass uint8 images as PIL or numpy")  # fmt: skip
+                raise ValueError("An image tensor must be (3, H, W) in [-1, 1], got values in "
+                                 f"[{low:.3g}, {high:.3g}]; pass uint8 images as PIL or numpy")  # fmt: skip
             if image.shape[1:] != (self.image_size, self.image_size):
                 size = (self.image_size, self.image_size)
                 image = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear")[0]
@@ -142,8 +145,8 @@ class TransfusionProcessor(ProcessorMixin):
         if not isinstance(row, (list, tuple)) or not all(isinstance(item, items) for item in row):
             got = type(row).__name__ if not isinstance(row, (list, tuple)) else [type(item).__name__ for item in row]
             raise ValueError(
-                f"A row is a string, an image (PIL, uint8 array or tensor) or a list of them; a batch is a list of rows. "
-                f"Got {got}"
+                "A row is a string, an image (PIL, uint8 array or tensor) or a list of them; "
+                f"a batch is a list of rows. Got {got}"
             )
         tokens, images = [ids["bos"]], []
         for item in row:
@@ -201,7 +204,9 @@ class TransfusionProcessor(ProcessorMixin):
         """
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        if isinstance(inputs, (list, tuple)) and (not inputs or any(isinstance(r, (list, tuple)) and not r for r in inputs)):
+        if isinstance(inputs, (list, tuple)) and (
+            not inputs or any(isinstance(r, (list, tuple)) and not r for r in inputs)
+        ):
             raise ValueError("Nothing to encode: the input (or one of its rows) is an empty list")
         is_batch = isinstance(inputs, list) and any(isinstance(r, (list, tuple)) for r in inputs)
         rows = inputs if is_batch else [inputs]

@@ -91,7 +91,9 @@ class UNetPatchEncoder(nn.Module):
         self.downsamplers = nn.ModuleList()
         for i, out_ch in enumerate(channels):
             in_ch = channels[max(i - 1, 0)]
-            self.resnets.append(ResnetBlock2D(in_channels=in_ch, out_channels=out_ch, temb_channels=temb, groups=groups))
+            self.resnets.append(
+                ResnetBlock2D(in_channels=in_ch, out_channels=out_ch, temb_channels=temb, groups=groups)
+            )
             if i < len(channels) - 1:
                 self.downsamplers.append(Downsample2D(out_ch, use_conv=True, name="op"))
         self.proj_out = nn.Conv2d(channels[-1], config.hidden_size, kernel_size=1)

@@ -152,27 +152,35 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
             negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
             if not isinstance(negatives, list) or len(negatives) not in (1, len(prompts)) or not all(
                     isinstance(p, str) for p in negatives):  # fmt: skip
-                raise ValueError(f"negative_prompt must be a string or a list of {len(prompts)} strings, got {negative_prompt!r}")
+                raise ValueError(
+                    f"negative_prompt must be a string or a list of {len(prompts)} strings, got {negative_prompt!r}"
+                )
             negatives = negatives * (len(prompts) // len(negatives))  # one per prompt
         for name, value in (("height", height), ("width", width)):
             check_image_size(name, value, self.image_size, c.vae_downsample * c.patch_size)
         check_integer("num_inference_steps", num_inference_steps, 1, MAX_INFERENCE_STEPS)
         check_number("guidance_scale", guidance_scale, note=" (1 or less = no guidance)")
         most = MAX_IMAGES_PER_CALL
-        check_integer("num_images_per_prompt", n, 1, most, note=" (call again for more)" * (_is_integer(n) and n > most))
+        check_integer(
+            "num_images_per_prompt", n, 1, most, note=" (call again for more)" * (_is_integer(n) and n > most)
+        )
         if len(prompts) * n > most:
-            raise ValueError(f"{len(prompts)} prompts × num_images_per_prompt={n} = {len(prompts) * n} images: one call "
-                             f"makes at most {most}; call again for more")  # fmt: skip
+            raise ValueError(f"{len(prompts)} prompts × num_images_per_prompt={n} = {len(prompts) * n} images: "
+                             f"one call makes at most {most}; call again for more")  # fmt: skip
         check_generator(generator, len(prompts) * n)
         check_latents(latents, (len(prompts) * n, c.latent_channels, c.latent_size, c.latent_size))
         self._check_output_type(output_type)
         if callback_on_step_end is not None and not callable(callback_on_step_end):
-            raise ValueError(f"callback_on_step_end must be callable (pipe, step, timestep, tensors) → dict, got {callback_on_step_end!r}")
+            raise ValueError(
+                "callback_on_step_end must be callable (pipe, step, timestep, tensors) → dict, "
+                f"got {callback_on_step_end!r}"
+            )
         bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(bad)} not in {self._callback_tensor_inputs}")
         for name, texts in (("prompt", prompts), ("negative_prompt", negatives or [])):
-            self._check_lengths(name, self.processor([[t] for t in texts], append_boi=True) if texts else None, c.image_slots)
+            encoded = self.processor([[t] for t in texts], append_boi=True) if texts else None
+            self._check_lengths(name, encoded, c.image_slots)
         return prompts, negatives
 
     @staticmethod
@@ -270,7 +278,8 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
                 latents = self.scheduler.step(prediction, t, latents, **extra, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     local = {"latents": latents}
-                    outputs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                    tensors = {k: local[k] for k in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, i, t, tensors)
                     latents = outputs.pop("latents", latents)
                 if i == len(timesteps) - 1 or ((i + 1) > warmup and (i + 1) % self.scheduler.order == 0):
                     progress.update()
@@ -511,9 +520,9 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
             stale = _stale_code_files(pretrained_model_name_or_path)
             if stale:
                 raise ValueError(
-                    f"The code files {stale} in {pretrained_model_name_or_path} differ from this package's. Refresh them "
-                    f"(python -m conversion.export_pipeline --refresh-code {pretrained_model_name_or_path}) or pass "
-                    "trust_remote_code=True to run the folder's own code."
+                    f"The code files {stale} in {pretrained_model_name_or_path} differ from this package's. "
+                    "Refresh them (python -m conversion.export_pipeline --refresh-code "
+                    f"{pretrained_model_name_or_path}) or pass trust_remote_code=True to run the folder's own code."
                 )
             kwargs["trust_remote_code"] = True
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)

@@ -45,7 +45,8 @@ def check_ids(config: TransfusionConfig, input_ids, inputs_embeds) -> None:
             )
         shape = tuple(input_ids.shape)
     else:
-        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+        if (not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.ndim != 3
+                or inputs_embeds.shape[-1] != config.hidden_size):
             raise ValueError(
                 f"inputs_embeds must be a (batch, length, {config.hidden_size}) tensor, got {_shape(inputs_embeds)}"
             )
@@ -58,9 +59,11 @@ def check_attention_mask(attention_mask, batch: int, total: int) -> None:
     """(B, past + L) of 0/1."""
     if attention_mask is None:
         return
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2 or tuple(attention_mask.shape) != (batch, total):
+    if (not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2
+            or tuple(attention_mask.shape) != (batch, total)):
         raise ValueError(
-            f"attention_mask must have shape (batch, cached + new tokens) = ({batch}, {total}), got {_shape(attention_mask)}"
+            f"attention_mask must have shape (batch, cached + new tokens) = ({batch}, {total}), "
+            f"got {_shape(attention_mask)}"
         )
 
 
@@ -85,8 +88,11 @@ def check_image_inputs(config: TransfusionConfig, blocks, image_latents, image_t
             )
         return 0
     expected = (c.latent_channels, c.latent_size, c.latent_size)
-    if not isinstance(image_latents, torch.Tensor) or image_latents.ndim != 4 or tuple(image_latents.shape[1:]) != expected:
-        raise ValueError(f"image_latents must have shape (num_images, {expected}) (a tensor), got {_shape(image_latents)}")
+    if (not isinstance(image_latents, torch.Tensor) or image_latents.ndim != 4
+            or tuple(image_latents.shape[1:]) != expected):
+        raise ValueError(
+            f"image_latents must have shape (num_images, {expected}) (a tensor), got {_shape(image_latents)}"
+        )
     if image_latents.shape[0] != n_images:
         raise ValueError(
             f"Number of images ({image_latents.shape[0]}) does not match the image slots in input_ids "
@@ -99,14 +105,17 @@ def check_image_inputs(config: TransfusionConfig, blocks, image_latents, image_t
             raise ValueError(f"image_timesteps must have shape ({n_images},), got {_shape(image_timesteps)}")
         t = image_timesteps.float()
         if not torch.isfinite(t).all() or (t < 0).any() or (t > c.num_train_timesteps).any():
-            raise ValueError(f"image_timesteps must lie in [0, {c.num_train_timesteps}], got {image_timesteps.tolist()}")
+            raise ValueError(
+                f"image_timesteps must lie in [0, {c.num_train_timesteps}], got {image_timesteps.tolist()}"
+            )
     return n_images
 
 
 def check_pixels(pixel_values, channels: int, size: int) -> None:
     """(N, channels, size, size) finite, in [−1, 1] (a little float slack)."""
     expected = (channels, size, size)
-    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+    if (not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim != 4
+            or tuple(pixel_values.shape[1:]) != expected):
         raise ValueError(
             f"pixel_values must have shape (num_images, {channels}, {size}, {size}), got {_shape(pixel_values)}; "
             f"resize images to {size}×{size} (the processor does this)"
@@ -116,7 +125,8 @@ def check_pixels(pixel_values, channels: int, size: int) -> None:
     low, high = float(pixel_values.min()), float(pixel_values.max())
     if low < -1.001 or high > 1.001:
         raise ValueError(
-            f"pixel_values must lie in [-1, 1] (the processor maps uint8 images there), got values in [{low:.3g}, {high:.3g}]"
+            f"pixel_values must lie in [-1, 1] (the processor maps uint8 images there), "
+            f"got values in [{low:.3g}, {high:.3g}]"
         )
 
 
@@ -126,18 +136,22 @@ def check_labels(config: TransfusionConfig, name: str, labels, shape: tuple) -> 
         return
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or tuple(labels.shape) != tuple(shape):
         dtype = getattr(labels, "dtype", type(labels).__name__)
-        raise ValueError(f"{name} must be an integer tensor of the shape of input_ids {tuple(shape)}, got {dtype} {_shape(labels)}")
+        raise ValueError(
+            f"{name} must be an integer tensor of the shape of input_ids {tuple(shape)}, got {dtype} {_shape(labels)}"
+        )
     bad = labels[(labels != -100) & ((labels < 0) | (labels >= config.vocab_size))]
     if bad.numel():
         raise ValueError(
-            f"{name} hold {sorted(set(bad.tolist()))[:5]}: each must be -100 (no loss) or a token id in [0, {config.vocab_size})"
+            f"{name} hold {sorted(set(bad.tolist()))[:5]}: "
+            f"each must be -100 (no loss) or a token id in [0, {config.vocab_size})"
         )
 
 
 def nonfinite_weights(model: torch.nn.Module) -> list[str]:
     """Names of parameters and buffers that hold NaN or infinite values (a damaged weights file)."""
     tensors = list(model.named_parameters()) + list(model.named_buffers())
-    return [name for name, t in tensors if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all()]
+    return [name for name, t in tensors
+            if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all()]
 
 
 # -- pipeline arguments -------------------------------------------------------------------------------------------
@@ -200,13 +214,14 @@ def check_row_lengths(name: str, lengths, limit: int, positions: int, reserve: i
     """Every encoded row (its length in tokens) leaves room for `reserve` more positions (an image's slots)."""
     for i, length in enumerate(int(n) for n in lengths):
         if length + reserve > limit:
-            room = f"with the {reserve} positions an image needs, it must be at most {limit - reserve}" if reserve else (
-                f"it must be shorter than {limit}")  # fmt: skip
+            room = (f"with the {reserve} positions an image needs, it must be at most {limit - reserve}" if reserve
+                    else f"it must be shorter than {limit}")  # fmt: skip
             raise ValueError(f"{name} {i} is {length} tokens long: {room} (max_position_embeddings={positions})")
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------------
-def check_local_folder(name_or_path, subfolder: str = "", marker: str = "config.json", what: str = "saved model folder") -> None:
+def check_local_folder(name_or_path, subfolder: str = "", marker: str = "config.json",
+                       what: str = "saved model folder") -> None:
     """A path that names a local folder must be one with its `marker` file; a Hub repo id passes through."""
     text = str(name_or_path)
     path = Path(text) / subfolder if subfolder else Path(text)
@@ -231,7 +246,8 @@ def check_pipeline_folder(root) -> None:
             json.loads(path.read_text())
         except (ValueError, UnicodeDecodeError) as error:
             raise ValueError(
-                f"{path.relative_to(root)} cannot be read as JSON ({error}) in {root}: the folder is damaged; re-save it"
+                f"{path.relative_to(root)} cannot be read as JSON ({error}) in {root}: "
+                "the folder is damaged; re-save it"
             ) from None
     import diffusers
 
@@ -273,7 +289,7 @@ def damaged_files(folder) -> str:
     return "; ".join(damaged)
 
 
-__all__ = ["check_ids", "check_attention_mask", "check_image_inputs", "check_pixels", "check_labels", "nonfinite_weights",
-           "check_integer", "check_number", "check_image_size", "check_generator", "check_latents", "check_row_lengths",
-           "check_local_folder", "check_pipeline_folder", "weight_files", "damaged_files", "MAX_INFERENCE_STEPS",
-           "MAX_IMAGES_PER_CALL"]
+__all__ = ["check_ids", "check_attention_mask", "check_image_inputs", "check_pixels", "check_labels",
+           "nonfinite_weights", "check_integer", "check_number", "check_image_size", "check_generator", "check_latents",
+           "check_row_lengths", "check_local_folder", "check_pipeline_folder", "weight_files", "damaged_files",
+           "MAX_INFERENCE_STEPS", "MAX_IMAGES_PER_CALL"]

@@ -1,11 +1,12 @@
 """LoRA for TransfusionPipeline through the libraries' own machinery.
 
-An adapter is a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`, keys `base_model.model.…lora_A.weight`),
-as written by `training/finetune_lora.py` or any `PeftModel.save_pretrained`. Loading goes through transformers'
-`PeftAdapterMixin.load_adapter` on the model (it reads PEFT folders, `modules_to_save` included); fusing, unfusing,
-switching and removing go through diffusers' `LoraBaseMixin`, which handles a transformers model as it handles a text
-encoder. What this file adds: a shape check that turns an adapter made for another model into a ValueError naming the
-module and both sizes, and two things diffusers' text-encoder path leaves out (see `unload_lora_weights`).
+An adapter is a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`, keys
+`base_model.model.…lora_A.weight`), as written by `training/finetune_lora.py` or any `PeftModel.save_pretrained`.
+Loading goes through transformers' `PeftAdapterMixin.load_adapter` on the model (it reads PEFT folders,
+`modules_to_save` included); fusing, unfusing, switching and removing go through diffusers' `LoraBaseMixin`, which
+handles a transformers model as it handles a text encoder. What this file adds: a shape check that turns an adapter
+made for another model into a ValueError naming the module and both sizes, and two things diffusers' text-encoder path
+leaves out (see `unload_lora_weights`).
 """
 
 import json
@@ -32,7 +33,9 @@ class TransfusionLoraLoaderMixin(LoraBaseMixin):
         check_adapter_fits(model, folder)
         adapter_name = adapter_name or ("default" if not getattr(model, "_hf_peft_config_loaded", False) else None)
         if adapter_name is None:
-            raise ValueError(f"An adapter is loaded already ({sorted(model.peft_config)}): pass adapter_name= for this one")
+            raise ValueError(
+                f"An adapter is loaded already ({sorted(model.peft_config)}): pass adapter_name= for this one"
+            )
         if not getattr(model, "_hf_peft_config_loaded", False):
             # PEFT freezes the base weights when it injects an adapter; they are trainable again once it goes
             self._lora_trainable = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -62,8 +65,9 @@ class TransfusionLoraLoaderMixin(LoraBaseMixin):
         fused = bool(self._merged_adapters)
         for name, module in list(model.named_modules()):
             if isinstance(module, AuxiliaryTrainingWrapper):
-                replacement = (module.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
-                               if fused else module.original_module)  # fmt: skip
+                replacement = (
+                    module.unload_and_optionally_merge_module(merge=True, safe_merge=False, adapter_names=None)
+                    if fused else module.original_module)  # fmt: skip
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, replacement)
         super().unload_lora_weights()
@@ -77,8 +81,9 @@ class TransfusionLoraLoaderMixin(LoraBaseMixin):
 
 def _adapter_folder(name_or_path, kwargs: dict) -> Path:
     """A local adapter folder: the path itself, or the adapter files of a Hub repo downloaded to the cache."""
-    path = Path(str(name_or_path))
-    if path.is_dir() or path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1:
+    text = str(name_or_path)
+    path = Path(text)
+    if path.is_dir() or path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:
         return path  # local: check_adapter names what is missing
     from huggingface_hub import snapshot_download
 
@@ -111,7 +116,9 @@ def check_adapter(path) -> Path:
     try:
         config = json.loads(config_path.read_text())
     except (ValueError, OSError) as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err}); write the adapter again with save_pretrained") from None
+        raise ValueError(
+            f"{config_path} is not valid JSON ({err}); write the adapter again with save_pretrained"
+        ) from None
     if not isinstance(config, dict) or not config.get("target_modules"):
         raise ValueError(f"{config_path} is not a PEFT LoRA config (a JSON object with target_modules)")
     if not weights.is_file():
