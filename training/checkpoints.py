@@ -82,7 +82,8 @@ def rng_state(device_type: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
         tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    meta = {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    meta = {"python": [version, list(internal), gauss],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
     return tensors, meta
 
 
@@ -139,7 +140,9 @@ def verify_checkpoint(folder: Path) -> None:
     try:
         entries = json.loads(manifest.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"checkpoint manifest {manifest} is missing or unreadable ({err}); the checkpoint is incomplete") from None
+        raise CheckpointError(
+            f"checkpoint manifest {manifest} is missing or unreadable ({err}); the checkpoint is incomplete"
+        ) from None
     hint = f"delete {folder} to resume from the previous checkpoint, or start without --resume"
     for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
         if name not in entries:
@@ -196,7 +199,9 @@ def _full_state(accelerator, model, optimizer) -> tuple[dict, dict]:
     if _is_fsdp(accelerator):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        return get_state_dict(model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_state_dict(
+            model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     return accelerator.unwrap_model(model).state_dict(), optimizer.state_dict()
 
 
@@ -214,13 +219,16 @@ def _write_checkpoint(accelerator, tmp: Path, model, optimizer, scheduler, state
         _guarded(tmp / MODEL_FILE, lambda: save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"}))
     else:  # save_model stores tied weights once
         _guarded(tmp / MODEL_FILE, lambda: save_model(accelerator.unwrap_model(model), str(tmp / MODEL_FILE)))
-    _guarded(tmp / OPTIMIZER_FILE, lambda: save_state(tmp / OPTIMIZER_FILE, {}, optimizers={"optimizer": optimizer_state}))
+    _guarded(tmp / OPTIMIZER_FILE,
+             lambda: save_state(tmp / OPTIMIZER_FILE, {}, optimizers={"optimizer": optimizer_state}))
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-    training = {"format": FORMAT_VERSION, "train_state": state.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler}
+    training = {"format": FORMAT_VERSION, "train_state": state.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler}
     _guarded(tmp / STATE_FILE, lambda: (tmp / STATE_FILE).write_text(json.dumps(training, indent=1)))
 
 
-def save_checkpoint(accelerator, root: Path, step: int, keep: int, model, optimizer, scheduler, state: TrainState) -> Path:
+def save_checkpoint(accelerator, root: Path, step: int, keep: int, model, optimizer, scheduler,
+                    state: TrainState) -> Path:
     """Write step-N.tmp (see the module docstring), a checksum manifest, then rename it to step-N; prune to `keep`.
     A failed write (a full disk) removes step-N.tmp and raises CheckpointError naming the file; the earlier
     checkpoints stay as they were."""
@@ -237,9 +245,11 @@ def save_checkpoint(accelerator, root: Path, step: int, keep: int, model, optimi
     except _WriteFailed as failed:
         shutil.rmtree(tmp, ignore_errors=True)
         earlier = list_checkpoints(root)
-        kept = f"the earlier checkpoints are intact (latest: {earlier[-1]})" if earlier else "there is no earlier checkpoint"
-        raise CheckpointError(f"could not write checkpoint file {failed.path}: {failed.reason()}; {tmp} was removed and "
-                              f"{kept}; once it can be written (on a full disk: after freeing space), continue with --resume") from None
+        kept = (f"the earlier checkpoints are intact (latest: {earlier[-1]})" if earlier
+                else "there is no earlier checkpoint")
+        raise CheckpointError(f"could not write checkpoint file {failed.path}: {failed.reason()}; "
+                              f"{tmp} was removed and {kept}; once it can be written (on a full disk: after freeing "
+                              "space), continue with --resume") from None
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -262,14 +272,16 @@ def _by_name(optimizer_state: dict, model, optimizer) -> dict:
     saved = [i for group in optimizer_state["param_groups"] for i in group["params"]]
     if all(isinstance(i, str) for i in saved):
         return optimizer_state
-    sizes, expected = ([len(g["params"]) for g in groups] for groups in (optimizer_state["param_groups"], optimizer.param_groups))
+    sizes, expected = ([len(g["params"]) for g in groups]
+                       for groups in (optimizer_state["param_groups"], optimizer.param_groups))
     if sizes != expected:
         raise ValueError(f"its parameter groups hold {sizes} parameters, this run's {expected}")
     names = {id(p): n for n, p in model.named_parameters()}
     current = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     name = dict(zip(saved, current))
     return {"state": {name[i]: s for i, s in optimizer_state["state"].items()},
-            "param_groups": [{**group, "params": [name[i] for i in group["params"]]} for group in optimizer_state["param_groups"]]}  # fmt: skip
+            "param_groups": [{**group, "params": [name[i] for i in group["params"]]}
+                             for group in optimizer_state["param_groups"]]}  # fmt: skip
 
 
 def load_checkpoint(accelerator, folder: Path, model, optimizer, scheduler, state: TrainState) -> None:
@@ -280,7 +292,8 @@ def load_checkpoint(accelerator, folder: Path, model, optimizer, scheduler, stat
     check_safe_format(folder)
     training = _read_json(folder / STATE_FILE)
     if not isinstance(training, dict) or training.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint file {folder / STATE_FILE}: format {training.get('format') if isinstance(training, dict) else None!r}, "
+        saved_format = training.get("format") if isinstance(training, dict) else None
+        raise CheckpointError(f"checkpoint file {folder / STATE_FILE}: format {saved_format!r}, "
                               f"this version reads format {FORMAT_VERSION}")  # fmt: skip
     try:
         _, optimizers, _ = load_state(folder / OPTIMIZER_FILE)
@@ -289,7 +302,11 @@ def load_checkpoint(accelerator, folder: Path, model, optimizer, scheduler, stat
     path = folder / MODEL_FILE
     try:
         if _is_fsdp(accelerator):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
 
             options = StateDictOptions(full_state_dict=True)
             set_model_state_dict(model, load_file(str(path)), options=options)
@@ -334,7 +351,8 @@ def save_final(accelerator, model, tokenizer, processor, out: Path) -> None:
         except _WriteFailed as failed:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"could not write the final model to {tmp}: {failed.reason()}; it was removed, {out} "
-                                  "and the checkpoints are intact; once it can be written, continue with --resume") from None
+                                  "and the checkpoints are intact; once it can be written, "
+                                  "continue with --resume") from None
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():
             os.replace(out, old)
@@ -348,8 +366,8 @@ def resolve_resume(args, ckpt_root: Path) -> Path | None:
     if args.resume is None:
         if existing:
             raise CheckpointError(
-                f"{args.output_dir} already holds checkpoints (latest {existing[-1]}); pass --resume to continue that run, "
-                "or choose another --output-dir"
+                f"{args.output_dir} already holds checkpoints (latest {existing[-1]}); "
+                "pass --resume to continue that run, or choose another --output-dir"
             )
         return None
     if args.resume == "auto":

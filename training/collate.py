@@ -1,5 +1,6 @@
-"""Training examples for Transfusion: a seeded mixture of the registered datasets (:mod:`training.datasets`: image–caption
-sources and text sources), and the collator that turns a list of examples into one model batch through the processor.
+"""Training examples for Transfusion: a seeded mixture of the registered datasets (:mod:`training.datasets`:
+image–caption sources and text sources), and the collator that turns a list of examples into one model batch through
+the processor.
 
 The example stream
 ------------------
@@ -17,8 +18,8 @@ Rows (DESIGN §1, §5)
   at an offset drawn with the example (only a window that reaches the end keeps the ``<|eos|>``).
 
 Images travel as precomputed, scaled VAE latents (:func:`load_or_encode_latents`), so training never runs the VAE
-encoder; the processor lays out the tokens, pads and writes the labels (its latent path: ``images_as_latents=True``), and
-the collator hands the latents on as ``image_latents``.
+encoder; the processor lays out the tokens, pads and writes the labels (its latent path: ``images_as_latents=True``),
+and the collator hands the latents on as ``image_latents``.
 
 Micro-batches
 -------------
@@ -63,12 +64,16 @@ def parse_mix(mix, names=None) -> dict[str, float]:
     ``"fashion=0.4,shapes=0.4,text=0.2"``; normalised to sum 1, in the order of `names`."""
     names = builtin_names() if names is None else list(names)
     if isinstance(mix, str):
-        mix = parse_named_numbers(mix, "--mix", "comma-separated name=weight pairs, e.g. fashion=0.4,shapes=0.4,text=0.2")
+        mix = parse_named_numbers(
+            mix, "--mix", "comma-separated name=weight pairs, e.g. fashion=0.4,shapes=0.4,text=0.2"
+        )
     if not isinstance(mix, dict):
         raise ValueError(f"--mix {mix!r}: expected name=weight pairs, e.g. fashion=0.4,shapes=0.4,text=0.2")
     unknown = sorted(set(mix) - set(names))
     if unknown:
-        raise ValueError(f"unknown mixture source(s) {unknown}; allowed: {tuple(names)} (your own data: --dataset NAME=PATH)")
+        raise ValueError(
+            f"unknown mixture source(s) {unknown}; allowed: {tuple(names)} (your own data: --dataset NAME=PATH)"
+        )
     try:
         weights = {k: float(mix.get(k, 0.0)) for k in names}
     except (TypeError, ValueError):
@@ -88,10 +93,15 @@ def parse_image_first(value, image_names=None) -> dict[str, float]:
             value = float(value)
         except ValueError:
             value = parse_named_numbers(
-                value, "--image-first-prob", "a probability or name=probability pairs, e.g. 0.2 or fashion=0.4,shapes=0.3"
+                value,
+                "--image-first-prob",
+                "a probability or name=probability pairs, e.g. 0.2 or fashion=0.4,shapes=0.3",
             )
     if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
-        raise ValueError(f"image_first_prob {value!r}: expected a probability or name=probability pairs, e.g. 0.2 or fashion=0.4,shapes=0.3")
+        raise ValueError(
+            f"image_first_prob {value!r}: expected a probability or name=probability pairs, "
+            "e.g. 0.2 or fashion=0.4,shapes=0.3"
+        )
     if isinstance(value, (int, float)):
         probs = dict.fromkeys(image_names, float(value))
     else:
@@ -135,7 +145,8 @@ def vae_fingerprint(vae) -> str:
 
 
 @torch.no_grad()
-def encode_pixels(encode_images, chunks: Iterator[torch.Tensor], batch_size: int = 250, device=None, progress=None) -> torch.Tensor:
+def encode_pixels(encode_images, chunks: Iterator[torch.Tensor], batch_size: int = 250, device=None,
+                  progress=None) -> torch.Tensor:
     """Scaled latents of all images in `chunks` with `encode_images` ((N, 3, H, W) → (N, C, h, w)), in float32."""
     out = []
     for pixels in chunks:
@@ -159,7 +170,9 @@ def _read_latent_cache(path: Path) -> tuple[torch.Tensor, list[str]]:
             latents = f.get_tensor("latents")
             captions = json.loads((f.metadata() or {})["captions"])
     except (SafetensorError, OSError, KeyError, ValueError) as err:  # truncated, empty or not a cache
-        raise LatentCacheError(f"latent cache {path} is unreadable ({type(err).__name__}: {err}); delete it to re-encode") from None
+        raise LatentCacheError(
+            f"latent cache {path} is unreadable ({type(err).__name__}: {err}); delete it to re-encode"
+        ) from None
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
         raise LatentCacheError(f"latent cache {path} holds no caption list; delete it to re-encode")
     if not torch.isfinite(latents).all():
@@ -201,9 +214,9 @@ def load_or_encode_latents(
     except (OSError, SafetensorError) as err:
         tmp.unlink(missing_ok=True)
         full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
-        raise LatentCacheError(f"could not write latent cache {path}: "
-                               f"{'no space left on device' if full else f'{type(err).__name__}: {err}'}; nothing was "
-                               f"cached, pass --latent-cache a folder with room or free some space") from None  # fmt: skip
+        reason = "no space left on device" if full else f"{type(err).__name__}: {err}"
+        raise LatentCacheError(f"could not write latent cache {path}: {reason}; nothing was cached, "
+                               "pass --latent-cache a folder with room or free some space") from None  # fmt: skip
     return ImageSource(name, latents, captions)
 
 
@@ -264,7 +277,8 @@ class MixtureDataset(Dataset):
         source, item, image_first, window = (a[index % self.CHUNK] for a in self._chunk(index // self.CHUNK))
         name, item = self.sources[source], int(item)
         if name in self.texts:
-            return {"index": index, "kind": "text", "text": self.texts[name][item], "latent": None, "window": float(window)}
+            return {"index": index, "kind": "text", "text": self.texts[name][item], "latent": None,
+                    "window": float(window)}
         src = self.images[name]
         kind = "image_caption" if image_first else "caption_image"
         return {"index": index, "kind": kind, "text": src.captions[item], "latent": src.latents[item], "window": 0.0}
@@ -276,7 +290,8 @@ class MicroBatchSampler(Sampler):
     Step s, accumulation a, process r reads micro-batch m = (s·A + a)·W + r, i.e. examples m·B … m·B + B − 1.
     """
 
-    def __init__(self, batch_size: int, grad_accum: int = 1, num_processes: int = 1, process_index: int = 0, start_step: int = 0):
+    def __init__(self, batch_size: int, grad_accum: int = 1, num_processes: int = 1, process_index: int = 0,
+                 start_step: int = 0):
         if batch_size < 1 or grad_accum < 1 or not 0 <= process_index < num_processes:
             raise ValueError(
                 f"batch_size={batch_size}, grad_accum={grad_accum} must be ≥ 1 and process_index={process_index} in "

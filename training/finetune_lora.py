@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     from training.datasets import UserDataset
 
     p = argparse.ArgumentParser(
-        prog="python -m training.finetune_lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m training.finetune_lora",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--base", default=DEFAULT_BASE, help="pipeline or model folder to adapt (default: %(default)s)")
     p.add_argument("--data", action="append", default=[], help="image folder or JSONL file (repeatable)")
@@ -84,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 def train_argv(args) -> list[str]:
     """`training.train`'s command line for this LoRA run: the fine-tune runs through the one training loop (its
     readers, stream, collator, schedule, checkpoints and resume), with LoRA-friendly defaults."""
-    data = [f"data{i}={path}" for i, path in enumerate(args.data)] + [f"text{i}={path}" for i, path in enumerate(args.text)]
+    data = ([f"data{i}={path}" for i, path in enumerate(args.data)]
+            + [f"text{i}={path}" for i, path in enumerate(args.text)])
     argv = ["--base", str(args.base), "--output-dir", str(args.output), "--latent-cache", str(args.latent_cache),
             "--lora-rank", str(args.rank), "--lora-alpha", str(args.alpha), "--lora-dropout", str(args.dropout),
             "--lora-targets", args.target_modules, "--mix", "size", "--max-steps", str(args.steps),

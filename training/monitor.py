@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 SAMPLE_PROMPTS = ("a photo of a t-shirt", "a photo of a trouser", "a photo of a sneaker", "a photo of a bag",
-                  "a red circle", "a blue square", "a green triangle to the left of a yellow circle", "two blue squares")
+                  "a red circle", "a blue square", "a green triangle to the left of a yellow circle",
+                  "two blue squares")
 
 
 def sample_prompts(captions: dict[str, list[str]], n: int = 8) -> tuple[str, ...]:
@@ -79,7 +80,8 @@ def write_samples(model, tokenizer, png: Path, seed: int, prompts=SAMPLE_PROMPTS
     model.eval()
     try:
         with torch.random.fork_rng(devices=[]):
-            pipe = TransfusionPipeline(transformer=model, scheduler=scheduler_cls.from_config(config.scheduler_config()), tokenizer=tokenizer)
+            scheduler = scheduler_cls.from_config(config.scheduler_config())
+            pipe = TransfusionPipeline(transformer=model, scheduler=scheduler, tokenizer=tokenizer)
             pipe.set_progress_bar_config(disable=True)
             generator = torch.Generator().manual_seed(seed)
             images = pipe(prompt=list(prompts), num_inference_steps=20, guidance_scale=3.0, generator=generator).images

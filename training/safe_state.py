@@ -42,7 +42,8 @@ def _unflatten_optimizer(saved: dict, tensors: dict) -> dict:
     return {"state": state, "param_groups": saved["param_groups"]}
 
 
-def save_state(path, modules: dict[str, dict], optimizers: dict[str, dict] | None = None, meta: dict | None = None) -> None:
+def save_state(path, modules: dict[str, dict], optimizers: dict[str, dict] | None = None,
+               meta: dict | None = None) -> None:
     """Write state dicts (`modules`: name → state dict), optimizer state dicts and JSON `meta` to one safetensors
     file, atomically: a crash leaves the previous file in place, never a half-written one."""
     path = Path(path)
@@ -78,7 +79,9 @@ def load_state(path) -> tuple[dict[str, dict], dict[str, dict], dict]:
         optimizers = {name: _unflatten_optimizer(saved, tensors) for name, saved in header["optimizers"].items()}
         return modules, optimizers, header["meta"]
     except (KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"{path} is not a readable training state (its metadata lacks {error}); delete it to start over") from None
+        raise ValueError(
+            f"{path} is not a readable training state (its metadata lacks {error}); delete it to start over"
+        ) from None
 
 
 __all__ = ["save_state", "load_state"]

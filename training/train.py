@@ -11,13 +11,14 @@ same script; checkpoints resume exactly.
 Batches. ``--batch-size`` B is per process and micro-batch; the global batch is B × processes W × ``--grad-accum`` A.
 Micro-batch m of the example stream (training/collate.py) holds examples m·B … m·B + B − 1, and before its forward
 the global RNG is seeded from (seed, m), so the timesteps, noise and caption dropout that the diffusion objective
-(`TransfusionDiffusionObjective`) draws belong to the micro-batch, not to the process. W processes × A and one process × (W·A) therefore compute the same
-micro-batch losses and the same averaged gradient (up to float summation order).
+(`TransfusionDiffusionObjective`) draws belong to the micro-batch, not to the process. W processes × A and one
+process × (W·A) therefore compute the same micro-batch losses and the same averaged gradient (up to float summation
+order).
 
 Resume. A checkpoint (``<output-dir>/checkpoints/step-N``: safetensors + JSON, never a pickle, and a checksum
-manifest; see training/checkpoints.py) holds the model, optimizer, LR schedule, step counters and RNG states; since the data position is a function of the step,
-the resumed run continues the same loss curve (bit for bit on CPU). A run killed mid-way resumes from its last
-complete checkpoint and rewrites the log from there.
+manifest; see training/checkpoints.py) holds the model, optimizer, LR schedule, step counters and RNG states; since
+the data position is a function of the step, the resumed run continues the same loss curve (bit for bit on CPU). A run
+killed mid-way resumes from its last complete checkpoint and rewrites the log from there.
 """
 
 import argparse
@@ -78,16 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config", help="YAML/JSON file whose keys are these flags (batch_size or batch-size); flags given here override it")
+    p.add_argument("--config", help="YAML/JSON file whose keys are these flags (batch_size or batch-size); "
+                   "flags given here override it")
     g = p.add_argument_group("inputs and outputs")
-    g.add_argument("--tokenizer", default="checkpoints/tokenizer", help="tokenizer folder (python -m training.train_tokenizer)")
+    g.add_argument("--tokenizer", default="checkpoints/tokenizer",
+                   help="tokenizer folder (python -m training.train_tokenizer)")
     g.add_argument("--vae", default="checkpoints/vae", help="AutoencoderKL folder (python -m training.train_vae)")
     g.add_argument("--output-dir", default="runs/transfusion", help="log, plots, checkpoints/ and final/ go here")
     g.add_argument("--latent-cache", default="runs/latent-cache", help="folder for the VAE latents of the image sets")
     g = p.add_argument_group("model (unset fields come from --preset; latent size/channels from the VAE)")
     g.add_argument("--preset", default="tiny", help="TransfusionConfig preset: tiny, paper-0.16B … paper-7B")
     g.add_argument("--hidden-size", type=int)
-    g.add_argument("--intermediate-size", type=int, help="MLP width (default with --hidden-size: 8/3·d rounded up to 256)")
+    g.add_argument("--intermediate-size", type=int,
+                   help="MLP width (default with --hidden-size: 8/3·d rounded up to 256)")
     g.add_argument("--layers", type=int)
     g.add_argument("--heads", type=int)
     g.add_argument("--kv-heads", type=int)
@@ -97,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--diffusion-type", choices=("ddpm", "flow_matching"))
     g.add_argument("--prediction-type", choices=("epsilon", "v_prediction", "sample", "flow"))
     g.add_argument("--diffusion-loss-weight", type=float, help="λ in L = L_LM + λ·L_diffusion (paper: 5)")
-    g.add_argument("--noise-limit", type=int, help="an image before its caption gets t < N (paper: 500; the bundled model ends with 100; 0 disables)")
+    g.add_argument("--noise-limit", type=int,
+                   help="an image before its caption gets t < N (paper: 500; the bundled model ends with 100; "
+                   "0 disables)")
     g.add_argument("--caption-drop", type=float, help="caption dropout probability for classifier-free guidance")
     g.add_argument("--max-position-embeddings", type=int)
     g.add_argument("--modality-experts", choices=("shared", "mot"),
@@ -105,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--freeze-text", action="store_true",
                    help="(mot) no updates to the text experts, token embedding and LM head: train the image side only, "
                    "as LMFusion does on a pretrained language model (--init-from it)")
-    g.add_argument("--model-kwargs", type=json_object, help='more TransfusionConfig fields as JSON, e.g. \'{"rms_norm_eps": 1e-5}\'')
+    g.add_argument("--model-kwargs", type=json_object,
+                   help='more TransfusionConfig fields as JSON, e.g. \'{"rms_norm_eps": 1e-5}\'')
     g.add_argument("--attn-implementation", choices=("sdpa", "eager"), default="sdpa")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g = p.add_argument_group("data")
@@ -113,12 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixture weights by dataset name: the built-in fashion, shapes, text and any --dataset NAME; "
                    "'size': the --dataset sources, every example equally likely")
     g.add_argument("--image-first-prob", default=0.2,
-                   help="share of image→caption rows (paper: 0.2): one number, or per source, e.g. fashion=0.4,shapes=0.3")
+                   help="share of image→caption rows (paper: 0.2): one number, or per source, "
+                   "e.g. fashion=0.4,shapes=0.3")
     g.add_argument("--max-text-tokens", type=int, default=64, help="text rows are cut to a window of this many tokens")
     g.add_argument("--max-examples", type=int, help="use only the first N items of every source (tests, debugging)")
     g.add_argument("--split-text", action=argparse.BooleanOptionalAction, default=None,
                    help="run a micro-batch's text rows and image rows as two padded batches: less padding, twice the "
-                   "launches (default: on CPU, where it is 1.6-1.75x faster; off on GPU, where small models are launch-bound)")
+                   "launches (default: on CPU, where it is 1.6-1.75x faster; off on GPU, where small models are "
+                   "launch-bound)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--base", help="fine-tune a saved model or pipeline folder: its config, weights and tokenizer (the "
@@ -133,32 +142,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"with LoRA, also train {', '.join(PATCH_MODULES)} in full (PEFT modules_to_save)")
     add_dataset_arguments(p)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--max-steps", type=int, help=f"optimizer steps; the LR schedule spans them (a fresh run without --minutes: {DEFAULT_STEPS}; 0: none)")
-    g.add_argument("--minutes", type=float, help="wall-clock budget of this invocation: stop cleanly and save when spent; "
+    g.add_argument("--max-steps", type=int,
+                   help="optimizer steps; the LR schedule spans them "
+                   f"(a fresh run without --minutes: {DEFAULT_STEPS}; 0: none)")
+    g.add_argument("--minutes", type=float,
+                   help="wall-clock budget of this invocation: stop cleanly and save when spent; "
                    "without --max-steps the schedule is fitted to the budget after --calibrate-steps steps")
     g.add_argument("--calibrate-steps", type=int, default=10)
-    g.add_argument("--stop-at-step", type=int, help="save and stop at this step as an interruption would; the LR schedule "
+    g.add_argument("--stop-at-step", type=int,
+                   help="save and stop at this step as an interruption would; the LR schedule "
                    "still spans --max-steps, and --resume continues it")
     g.add_argument("--batch-size", type=int, default=16, help="examples per process and micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step and process")
     g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (paper: 3e-4)")
     g.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine floor as a fraction of --lr (paper: 1/20)")
-    g.add_argument("--warmup-steps", type=int, help="linear warm-up (default: 2%% of the schedule, the paper's 4k of 250k)")
+    g.add_argument("--warmup-steps", type=int,
+                   help="linear warm-up (default: 2%% of the schedule, the paper's 4k of 250k)")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
     g.add_argument("--eps", type=float, default=1e-8)
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
-    g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), help="default: accelerate's config / env, else no")
+    g.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"),
+                   help="default: accelerate's config / env, else no")
     g = p.add_argument_group("checkpoints, logging")
-    g.add_argument("--save-every", type=int, default=500, help="checkpoint (and final/) every N steps; 0: only at the end")
+    g.add_argument("--save-every", type=int, default=500,
+                   help="checkpoint (and final/) every N steps; 0: only at the end")
     g.add_argument("--keep-checkpoints", type=int, default=2)
-    g.add_argument("--resume", nargs="?", const="auto", help="continue the latest checkpoint of --output-dir, or the given one")
-    g.add_argument("--init-from", help="start a fresh run (new optimizer and schedule) from the weights of a model or pipeline "
+    g.add_argument("--resume", nargs="?", const="auto",
+                   help="continue the latest checkpoint of --output-dir, or the given one")
+    g.add_argument("--init-from",
+                   help="start a fresh run (new optimizer and schedule) from the weights of a model or pipeline "
                    "folder, e.g. checkpoints/transfusion-tiny; the model flags must describe the same architecture")
-    g.add_argument("--sample-every", type=int, default=500, help="loss plot and sample grid every N steps (0: plot at the end only)")
+    g.add_argument("--sample-every", type=int, default=500,
+                   help="loss plot and sample grid every N steps (0: plot at the end only)")
     g.add_argument("--log-every", type=int, default=1, help="log.jsonl record every N steps")
     g = p.add_argument_group("runtime")
-    g.add_argument("--threads", type=int, default=int(os.environ.get("TRANSFUSION_THREADS", "1")), help="torch CPU threads per process")
+    g.add_argument("--threads", type=int, default=int(os.environ.get("TRANSFUSION_THREADS", "1")),
+                   help="torch CPU threads per process")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
     return p
@@ -168,7 +188,9 @@ def json_object(text: str) -> dict:
     try:
         value = json.loads(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({err}); expected an object such as '{{\"rms_norm_eps\": 1e-5}}'") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not JSON ({err}); expected an object such as '{{\"rms_norm_eps\": 1e-5}}'"
+        ) from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"{text!r}: expected a JSON object such as '{{\"rms_norm_eps\": 1e-5}}'")
     return value
@@ -209,7 +231,9 @@ def _config_value(action: argparse.Action, value):
 
     def one(v):
         if action.type is int:
-            if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit())):
+            if isinstance(v, bool) or not (
+                isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit())
+            ):
                 raise ValueError(f"{value!r} is not an integer")
             v = int(v)
         elif action.type is float:
@@ -245,8 +269,8 @@ RANGES = {
     "warmup_steps": (0, None, True), "stop_at_step": (1, None, True), "noise_limit": (0, None, True),
     "lora_rank": (0, None, True), "lora_alpha": (0, None, False), "lora_dropout": (0, 1, True),
 }  # fmt: skip
-NOTES = {"clip": " (0 disables clipping)", "save_every": " (0: only at the end)", "sample_every": " (0: at the end only)",
-         "noise_limit": " (0 disables it)", "betas": ", below 1"}  # fmt: skip
+NOTES = {"clip": " (0 disables clipping)", "save_every": " (0: only at the end)",
+         "sample_every": " (0: at the end only)", "noise_limit": " (0 disables it)", "betas": ", below 1"}  # fmt: skip
 
 
 def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -267,7 +291,9 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
             below = v < low if low_ok else v <= low
             above = high is not None and (v >= high if action.dest == "betas" else v > high)
             if below or above:
-                allowed = f"{'≥' if low_ok else '>'} {low}" + (f" and ≤ {high}" if high is not None and action.dest != "betas" else "")
+                allowed = f"{'≥' if low_ok else '>'} {low}" + (
+                    f" and ≤ {high}" if high is not None and action.dest != "betas" else ""
+                )
                 parser.error(f"{flag}={v}: must be {allowed}{NOTES.get(action.dest, '')}")
 
 
@@ -302,7 +328,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         elif not args.dataset:
             raise ValueError("--mix size weights the --dataset sources by their size: give --dataset NAME=PATH")
         if args.base and args.init_from:
-            raise ValueError("--base fine-tunes a saved model as it is; --init-from starts these flags' model from weights: give one")
+            raise ValueError(
+                "--base fine-tunes a saved model as it is; --init-from starts these flags' model from weights: give one"
+            )
     except ValueError as err:
         parser.error(str(err))
     check_ranges(parser, args)
@@ -341,7 +369,9 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     if not (Path(path) / "tokenizer.json").exists():
-        raise FileNotFoundError(f"no tokenizer at {path}: build one with `python -m training.train_tokenizer` or pass --tokenizer")
+        raise FileNotFoundError(
+            f"no tokenizer at {path}: build one with `python -m training.train_tokenizer` or pass --tokenizer"
+        )
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -373,10 +403,12 @@ def build_config(args, tokenizer, vae_config: dict):
     config._attn_implementation = args.attn_implementation
     if config.image_size != 32:
         raise ValueError(f"the VAE takes {config.image_size}×{config.image_size} images; the data world is 32×32")
-    for name, token in (("bos", "<|bos|>"), ("eos", "<|eos|>"), ("pad", "<|pad|>"), ("boi", "<|boi|>"), ("eoi", "<|eoi|>"), ("image", "<|image|>")):
+    for name, token in (("bos", "<|bos|>"), ("eos", "<|eos|>"), ("pad", "<|pad|>"), ("boi", "<|boi|>"),
+                        ("eoi", "<|eoi|>"), ("image", "<|image|>")):
         tid = tokenizer.convert_tokens_to_ids(token)
         if tid != getattr(config, f"{name}_token_id"):
-            raise ValueError(f"tokenizer id of {token} is {tid}, config.{name}_token_id is {getattr(config, f'{name}_token_id')}; "
+            raise ValueError(f"tokenizer id of {token} is {tid}, "
+                             f"config.{name}_token_id is {getattr(config, f'{name}_token_id')}; "
                              "build the tokenizer with build_tokenizer()")
     return config
 
@@ -412,7 +444,10 @@ def load_initial_weights(model, path: str) -> None:
             # start as copies of them
             missing, unexpected = model.load_state_dict(state, strict=False)
             if unexpected or set(missing) - set(experts):
-                raise RuntimeError(f"Error(s):\n\tmissing {sorted(set(missing) - set(experts))[:4]}, unexpected {sorted(unexpected)[:4]}")
+                raise RuntimeError(
+                    f"Error(s):\n\tmissing {sorted(set(missing) - set(experts))[:4]}, "
+                    f"unexpected {sorted(unexpected)[:4]}"
+                )
             init_image_experts_from_text(model)
         else:
             model.load_state_dict(state)
@@ -500,7 +535,13 @@ def train(args) -> dict:
     from tqdm.auto import tqdm
 
     from modeling_transfusion import TransfusionDiffusionObjective, TransfusionProcessor
-    from training.collate import MicroBatchSampler, MixtureDataset, TransfusionCollator, load_or_encode_latents, parse_mix
+    from training.collate import (
+        MicroBatchSampler,
+        MixtureDataset,
+        TransfusionCollator,
+        load_or_encode_latents,
+        parse_mix,
+    )
     from training.datasets import DataError, build_sources, builtin_names, source_names
 
     t_start = time.time()
@@ -511,14 +552,17 @@ def train(args) -> dict:
         mixed_precision=args.mixed_precision,
         cpu=args.cpu,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=args.grad_accum, sync_with_dataloader=False),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],  # text-only micro-batches skip the image path
+        # text-only micro-batches skip the image path
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     say = accelerator.print
     world, rank = accelerator.num_processes, accelerator.process_index
     # (on CPU processes accelerate turns a DeepSpeed launch into DDP: the launcher's variable says what was asked)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise CheckpointError("DeepSpeed saves and resumes its state through pickles, and this script's checkpoints are "
-                              "safetensors + JSON only; train sharded with FSDP (training/configs/accelerate_fsdp.yaml) or DDP")
+    if (accelerator.distributed_type == DistributedType.DEEPSPEED
+            or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"):
+        raise CheckpointError("DeepSpeed saves and resumes its state through pickles, and this script's checkpoints "
+                              "are safetensors + JSON only; train sharded with FSDP "
+                              "(training/configs/accelerate_fsdp.yaml) or DDP")
     _check_distributed(accelerator)
     resume_from = resolve_resume(args, ckpt_root)
     if resume_from is not None:
@@ -556,7 +600,8 @@ def train(args) -> dict:
     objective = TransfusionDiffusionObjective(config)  # timesteps, noise, caption dropout; the model only predicts
 
     by_size = args.mix == "size"  # every example of the --dataset sources equally likely
-    mix = dict.fromkeys(source_names(args)[len(builtin_names()):], 1.0) if by_size else parse_mix(args.mix, source_names(args))
+    mix = (dict.fromkeys(source_names(args)[len(builtin_names()):], 1.0) if by_size
+           else parse_mix(args.mix, source_names(args)))
     try:
         sources = build_sources(args, [k for k, w in mix.items() if w > 0], config.image_size, strict=not by_size)
     except ValueError as err:  # user data that cannot be read: the message names the file or row
@@ -591,9 +636,11 @@ def train(args) -> dict:
         lr=args.lr, betas=tuple(args.betas), eps=args.eps,
     )  # fmt: skip
     horizon = args.max_steps or (None if args.minutes else DEFAULT_STEPS)  # None: fitted to the time budget
-    schedule = WarmupCosine(args.warmup_steps, horizon, args.min_lr_ratio, provisional=args.warmup_steps or 100 * args.calibrate_steps)
+    schedule = WarmupCosine(args.warmup_steps, horizon, args.min_lr_ratio,
+                            provisional=args.warmup_steps or 100 * args.calibrate_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # no prepared DataLoader tells DeepSpeed the micro-batch
+    # no prepared DataLoader tells DeepSpeed the micro-batch
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.is_fsdp2:  # a rank whose micro-batch has no image skips the image path: it reduces zeros for it
@@ -618,7 +665,8 @@ def train(args) -> dict:
             schedule.set_horizon(args.max_steps, args.warmup_steps)
         if schedule.horizon is None and args.minutes is None:  # saved before its time budget was calibrated
             schedule.set_horizon(DEFAULT_STEPS, args.warmup_steps)
-            say(f"note: {resume_from} has no fitted schedule and no --minutes was given: it now ends at step {DEFAULT_STEPS}")
+            say(f"note: {resume_from} has no fitted schedule and no --minutes was given: "
+                f"it now ends at step {DEFAULT_STEPS}")
         # The optimizer holds the LR the saved schedule set; the next step must already use the schedule as it is now.
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = base * schedule(scheduler.last_epoch)
@@ -634,12 +682,14 @@ def train(args) -> dict:
         log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         named = [(n, p) for n, p in accelerator.unwrap_model(model).named_parameters() if ".vae." not in f".{n}"]
         n_params, n_trainable = sum(p.numel() for _, p in named), sum(p.numel() for _, p in named if p.requires_grad)
-        run_info = {"args": vars(args), "processes": world, "global_batch": global_batch, "grad_accum": grad_accum, "split_text": split_text,
-                    "transformer_parameters": n_params, "trainable_parameters": n_trainable, "device": str(accelerator.device),
-                    "distributed_type": str(accelerator.distributed_type), "config": config.to_dict()}  # fmt: skip
+        run_info = {"args": vars(args), "processes": world, "global_batch": global_batch, "grad_accum": grad_accum,
+                    "split_text": split_text, "transformer_parameters": n_params, "trainable_parameters": n_trainable,
+                    "device": str(accelerator.device), "distributed_type": str(accelerator.distributed_type),
+                    "config": config.to_dict()}  # fmt: skip
         (out_dir / "run.json").write_text(json.dumps(run_info, indent=1, default=str))
         say(f"{n_params / 1e6:.2f}M transformer parameters; {world} process(es) × batch {args.batch_size} × "
-            f"accumulation {grad_accum} = global batch {global_batch}; {args.threads} thread(s) per process")  # fmt: skip
+            f"accumulation {grad_accum} = global batch {global_batch}; "
+            f"{args.threads} thread(s) per process")  # fmt: skip
 
     sampler = MicroBatchSampler(args.batch_size, grad_accum, world, rank, start_step=state.step)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=args.workers)
@@ -659,7 +709,8 @@ def train(args) -> dict:
 
     budget_s = None if args.minutes is None else args.minutes * 60
     session_steps, session_tokens, session_time, t_first = 0, 0, 0.0, None
-    bar = tqdm(total=schedule.horizon, initial=state.step, desc="train", dynamic_ncols=True, disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=schedule.horizon, initial=state.step, desc="train", dynamic_ncols=True,
+               disable=not accelerator.is_local_main_process)
     last_saved, notes, fit = -1, [], None  # fit: the last fit of the schedule to the time budget (this session)
     model.train()
     try:
@@ -715,7 +766,8 @@ def train(args) -> dict:
                 }
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lm=f"{record['lm_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lm=f"{record['lm_loss']:.3f}",
+                                tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             bar.update(1)
 
             fit_now = schedule.horizon is None and session_steps == args.calibrate_steps + 1
@@ -724,7 +776,8 @@ def train(args) -> dict:
             if fit_now:
                 # Fit the schedule to the time budget from the step time measured since the last fit (first step
                 # of the session excluded); keep 5% spare for saving and jitter.
-                t_since, steps_since = (t_first, args.calibrate_steps) if fit is None else (fit["time"], state.step - fit["step"])
+                t_since, steps_since = ((t_first, args.calibrate_steps) if fit is None
+                                        else (fit["time"], state.step - fit["step"]))
                 per_step = (time.time() - t_since) / max(1, steps_since)
                 remaining = budget_s - (time.time() - t_start)
                 horizon = [state.step + max(1, int(0.95 * remaining / per_step))]
@@ -754,8 +807,8 @@ def train(args) -> dict:
                     (out_dir / "samples").mkdir(exist_ok=True)
                     unwrapped = accelerator.unwrap_model(model)
                     unwrapped = unwrapped.get_base_model() if args.lora_rank else unwrapped  # its LoRA layers active
-                    note = write_samples(unwrapped, tokenizer, out_dir / "samples" / f"step-{state.step}.png", args.seed,
-                                         prompts)  # fmt: skip
+                    note = write_samples(unwrapped, tokenizer, out_dir / "samples" / f"step-{state.step}.png",
+                                         args.seed, prompts)  # fmt: skip
                     if note not in notes:
                         notes.append(note)
             if stopping:
@@ -801,8 +854,9 @@ def _check_distributed(accelerator) -> None:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:  # else every process would train alone, into the same output folder
         raise SystemExit(f"this process is one of {launched} launched (WORLD_SIZE), but accelerate set up "
-                         f"{accelerator.num_processes}: without a GPU, set ACCELERATE_USE_CPU=true or pass --cpu (an "
-                         "accelerate config's use_cpu does not reach the processes of a multi-process launch)")  # fmt: skip
+                         f"{accelerator.num_processes}: without a GPU, set ACCELERATE_USE_CPU=true or pass --cpu "
+                         "(an accelerate config's use_cpu does not reach the processes of a multi-process "
+                         "launch)")  # fmt: skip
     fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
         if accelerator.mixed_precision == "fp16":

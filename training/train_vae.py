@@ -137,7 +137,8 @@ def main(argv=None) -> dict:
     step, elapsed_before = 0, 0.0
     if args.resume:
         if not state_path.exists():
-            legacy = " (a state.pt of an older version is a pickle and is never loaded)" if (run_dir / "state.pt").exists() else ""
+            legacy = (" (a state.pt of an older version is a pickle and is never loaded)"
+                      if (run_dir / "state.pt").exists() else "")
             raise FileNotFoundError(f"--resume given but {state_path} does not exist{legacy}")
         modules, optimizers, meta = load_state(state_path)
         if meta["args"]["norm_num_groups"] != args.norm_num_groups:

@@ -91,8 +91,8 @@ def build_sources(args: argparse.Namespace, names, image_size: int = 32, strict:
             sources[source.name] = source
     missing = sorted(set(names) - set(sources))
     if missing and strict:  # (not strict: those of `names` that exist, e.g. a NAME_text only where there are text rows)
-        raise ValueError(f"--mix names dataset(s) {missing} that are neither built in ({', '.join(DATASETS)}) nor given "
-                         "with --dataset NAME=PATH")  # fmt: skip
+        raise ValueError(f"--mix names dataset(s) {missing} that are neither built in ({', '.join(DATASETS)}) "
+                         "nor given with --dataset NAME=PATH")  # fmt: skip
     return {name: source for name, source in sources.items() if name in names}
 
 
@@ -106,7 +106,8 @@ def source_names(args: argparse.Namespace) -> list[str]:
     from .user_data import parse_dataset_spec
 
     user = [parse_dataset_spec(spec)[0] for spec in getattr(args, "dataset", None) or []]
-    return builtin_names() + [n for name in user for n in (name, f"{name}_text")]  # NAME_text: its rows without an image
+    # NAME_text: its rows without an image
+    return builtin_names() + [n for name in user for n in (name, f"{name}_text")]
 
 
 def rgb_to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -42,7 +42,9 @@ def _load_fashion_cached(split: str, folder: str) -> tuple[np.ndarray, np.ndarra
     images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
     labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
     if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28):
-        raise ValueError(f"{root}: inconsistent Fashion-MNIST {split} files: {images.shape} images, {labels.shape} labels")
+        raise ValueError(
+            f"{root}: inconsistent Fashion-MNIST {split} files: {images.shape} images, {labels.shape} labels"
+        )
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels

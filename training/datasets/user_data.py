@@ -2,8 +2,8 @@
 NAME like the built-in worlds.
 
 PATH may be
-- a folder of images with ``metadata.jsonl`` or ``metadata.csv`` holding a caption column (``datasets``' ``imagefolder``,
-  the layout diffusers' training scripts read): ``file_name,text``;
+- a folder of images with ``metadata.jsonl`` or ``metadata.csv`` holding a caption column (``datasets``'
+  ``imagefolder``, the layout diffusers' training scripts read): ``file_name,text``;
 - a JSONL, JSON, CSV or Parquet file of rows with a caption column and an image column (a path relative to the file,
   or an ``imagefolder``-style image); rows without an image are text rows, a source of their own named NAME_text;
 - a folder of images each with its caption in a same-name ``.txt`` beside it (``000.png`` + ``000.txt``);
@@ -48,7 +48,9 @@ def parse_dataset_spec(spec: str) -> tuple[str, Path]:
     if not name.replace("_", "").replace("-", "").isalnum():
         raise DataError(f"--dataset {spec!r}: a dataset name is letters, digits, '-' and '_' (NAME=PATH)")
     if not path.exists():
-        raise DataError(f"--dataset {spec!r}: {path} does not exist (a folder or a .jsonl/.json/.csv/.parquet/.txt file)")
+        raise DataError(
+            f"--dataset {spec!r}: {path} does not exist (a folder or a .jsonl/.json/.csv/.parquet/.txt file)"
+        )
     return name, path
 
 
@@ -160,7 +162,9 @@ class _UserRows:
     def text(self, i: int, row: dict) -> str:
         text = row[self.caption_column]
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{self.path} row {i}: column {self.caption_column!r} holds {text!r}, not a non-empty string")
+            raise DataError(
+                f"{self.path} row {i}: column {self.caption_column!r} holds {text!r}, not a non-empty string"
+            )
         return text
 
     def image(self, i: int, row: dict) -> PIL.Image.Image:
@@ -171,7 +175,9 @@ class _UserRows:
             image = PIL.Image.open(io.BytesIO(data)) if data else PIL.Image.open(where)
             image.load()
         except Exception as err:  # noqa: BLE001 - PIL raises many kinds; each is reported with its row
-            raise DataError(f"{self.path} row {i}: the image {where or ''} cannot be read ({type(err).__name__}: {err})") from None
+            raise DataError(
+                f"{self.path} row {i}: the image {where or ''} cannot be read ({type(err).__name__}: {err})"
+            ) from None
         return image
 
 
@@ -231,14 +237,17 @@ class UserDataset(Source):
         group.add_argument("--image-fit", choices=("pad", "crop"), default="pad",
                            help="fit images to the model's resolution: pad to a square (keep all) or centre-crop")
         group.add_argument("--resolution", type=int, help="image side in pixels; must be the model's (its default)")
-        group.add_argument("--streaming", action="store_true", help="read --dataset data in passes, never all in memory")
+        group.add_argument("--streaming", action="store_true",
+                           help="read --dataset data in passes, never all in memory")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, image_size: int = 32) -> list[ImageCaptionSource | TextSource]:
         specs = getattr(args, "dataset", None) or []
         resolution = getattr(args, "resolution", None)
         if specs and resolution is not None and resolution != image_size:
-            raise DataError(f"--resolution {resolution}: this model takes {image_size}×{image_size} images (its image_size)")
+            raise DataError(
+                f"--resolution {resolution}: this model takes {image_size}×{image_size} images (its image_size)"
+            )
         sources = []
         for spec in specs:
             name, path = parse_dataset_spec(spec)
