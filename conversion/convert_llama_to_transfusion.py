@@ -42,8 +42,8 @@ def check_source_config(config) -> None:
     kind = getattr(config, "model_type", type(config).__name__)
     if kind == "qwen3":
         raise ValueError(
-            "Qwen3 normalises queries and keys per head (q_norm/k_norm) before RoPE; Transfusion's attention has no such "
-            f"norms, so the conversion would not be exact. Supported model types: {SUPPORTED_MODEL_TYPES}"
+            "Qwen3 normalises queries and keys per head (q_norm/k_norm) before RoPE; Transfusion's attention has no "
+            f"such norms, so the conversion would not be exact. Supported model types: {SUPPORTED_MODEL_TYPES}"
         )
     if kind not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -106,7 +106,9 @@ def transfusion_config(source_config, tokenizer_ids: dict, vocab_size: int, vae_
         image_size = vae_config["sample_size"]  # the VAE's own resolution
     if image_size is not None:
         if image_size % downsample:
-            raise ValueError(f"image_size={image_size} must be a multiple of the VAE's downsampling factor {downsample}")
+            raise ValueError(
+                f"image_size={image_size} must be a multiple of the VAE's downsampling factor {downsample}"
+            )
         image["latent_size"] = image_size // downsample
     return TransfusionConfig(
         vocab_size=vocab_size,
@@ -163,7 +165,9 @@ def map_text_weights(source_state: dict, model, source_vocab: int, new_rows: lis
                 filled[key] = torch.zeros_like(target[key])
                 zeroed.append(key)
                 continue
-            raise ValueError(f"The source has no weight {key} (shape {list(target[key].shape)}), which Transfusion needs")
+            raise ValueError(
+                f"The source has no weight {key} (shape {list(target[key].shape)}), which Transfusion needs"
+            )
         value = source_state[key]
         if key in ("model.embed_tokens.weight", "lm_head.weight"):
             if value.shape[1] != target[key].shape[1] or value.shape[0] > target[key].shape[0]:
@@ -175,7 +179,9 @@ def map_text_weights(source_state: dict, model, source_vocab: int, new_rows: lis
                 rows[row] = mean
             value = rows
         elif value.shape != target[key].shape:
-            raise ValueError(f"{key}: source shape {list(value.shape)} differs from Transfusion's {list(target[key].shape)}")
+            raise ValueError(
+                f"{key}: source shape {list(value.shape)} differs from Transfusion's {list(target[key].shape)}"
+            )
         filled[key] = value.to(target[key].dtype)
     missing, unexpected = model.load_state_dict(filled, strict=False)
     assert not unexpected, unexpected
@@ -234,13 +240,16 @@ def convert(source: str | Path, vae: str | Path | None = None, image_size: int |
                                 modality_experts=modality_experts)  # fmt: skip
     model = TransfusionForCausalLM(config)
     source_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    report = map_text_weights(source_model.state_dict(), model, min(original_length, source_config.vocab_size), new_rows)
+    report = map_text_weights(
+        source_model.state_dict(), model, min(original_length, source_config.vocab_size), new_rows
+    )
     del source_model
     if vae_model is not None:
         model.model.vae.load_state_dict(vae_model.state_dict())
     model = model.to(getattr(torch, dtype)).eval()
     report.update(source=str(source), model_type=source_config.model_type, vocab_size=vocab_size,
-                  source_vocab_size=source_config.vocab_size, special_ids=special, vae=str(vae) if vae else None)  # fmt: skip
+                  source_vocab_size=source_config.vocab_size, special_ids=special,
+                  vae=str(vae) if vae else None)  # fmt: skip
     return model, tokenizer, report
 
 
@@ -258,10 +267,11 @@ def main(argv=None):
     p.add_argument("--patch-encoder", choices=("linear", "unet"), help="patch encoder/decoder (default: linear)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--modality-experts", default="shared", choices=("shared", "mot"),
-                   help="mot: image experts beside the text weights (Mixture-of-Transformers), initialised as copies of "
-                   "them as LMFusion does; train them with training.train --freeze-text")  # fmt: skip
+                   help="mot: image experts beside the text weights (Mixture-of-Transformers), initialised as "
+                   "copies of them as LMFusion does; train them with training.train --freeze-text")  # fmt: skip
     p.add_argument("--pipeline", action="store_true",
-                   help="write a full TransfusionPipeline folder (model, VAE, scheduler, tokenizer, card, remote code)")  # fmt: skip
+                   help="write a full TransfusionPipeline folder (model, VAE, scheduler, tokenizer, card, "
+                   "remote code)")  # fmt: skip
     args = p.parse_args(argv)
 
     model, tokenizer, report = convert(args.source, args.vae, args.image_size, args.patch_size, args.patch_encoder,
@@ -277,8 +287,8 @@ def main(argv=None):
     (out / "conversion_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(
         f"converted {report['model_type']} ({report['copied']} tensors copied, vocabulary {report['source_vocab_size']}"
-        f" → {report['vocab_size']}, special ids {report['special_ids']}) and wrote {'a pipeline' if args.pipeline else 'the model'}"
-        f" to {out}/"
+        f" → {report['vocab_size']}, special ids {report['special_ids']})"
+        f" and wrote {'a pipeline' if args.pipeline else 'the model'} to {out}/"
     )
     return out
 

@@ -63,7 +63,8 @@ REFUSED = [
     ("transformer.qk_rmsnorm", lambda v: v is not False,
      "per-head RMSNorm of queries and keys (qk_rmsnorm defaults to True: build with qk_rmsnorm=False)"),
     ("transformer.attn_kwargs.gate_values", lambda v: v is not False,
-     "sigmoid gates on the attention values (gate_values defaults to True: build with attn_kwargs=dict(gate_values=False))"),
+     "sigmoid gates on the attention values "
+     "(gate_values defaults to True: build with attn_kwargs=dict(gate_values=False))"),
     ("transformer.use_value_residual", bool, "value residual learning"),
     ("transformer.attn_laser", bool, "LASER attention"),
     ("transformer.attn_kwargs.laser", bool, "LASER attention"),
@@ -132,7 +133,9 @@ def _rope_theta(freqs: torch.Tensor, head_dim: int) -> float:
     theta = float(freqs[1] ** (-head_dim / 2)) if len(freqs) > 1 else 10000.0
     expected = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
     if freqs.shape != expected.shape or not torch.allclose(freqs.float(), expected, rtol=1e-4):
-        raise ValueError("rotary_emb.freqs is not a standard RoPE table 1/θ^(2i/d); custom frequencies have no counterpart")
+        raise ValueError(
+            "rotary_emb.freqs is not a standard RoPE table 1/θ^(2i/d); custom frequencies have no counterpart"
+        )
     return round(theta, 3)
 
 
@@ -205,7 +208,8 @@ def map_state_dict(state: dict, config) -> tuple[dict, dict]:
         out[f"{dst}.self_attn.q_proj.weight"] = _interleaved_to_half(qk[: heads * d], heads, d)
         out[f"{dst}.self_attn.k_proj.weight"] = _interleaved_to_half(qk[heads * d :], heads, d)
         out[f"{dst}.self_attn.v_proj.weight"] = take(f"{src}.1.fn.to_v.0.weight", (heads * d, D))
-        out[f"{dst}.self_attn.o_proj.weight"] = attn_scale[:, None] * take(f"{src}.1.fn.to_out.1.weight", (D, heads * d))
+        o_proj = take(f"{src}.1.fn.to_out.1.weight", (D, heads * d))
+        out[f"{dst}.self_attn.o_proj.weight"] = attn_scale[:, None] * o_proj
         w_in, b_in = take(f"{src}.2.fn.net.0.weight", (2 * inner, D)), take(f"{src}.2.fn.net.0.bias", (2 * inner,))
         out[f"{dst}.mlp.up_proj.weight"], out[f"{dst}.mlp.gate_proj.weight"] = w_in[:inner], w_in[inner:]
         out[f"{dst}.mlp.up_proj.bias"], out[f"{dst}.mlp.gate_proj.bias"] = b_in[:inner], b_in[inner:]
@@ -237,7 +241,8 @@ def map_state_dict(state: dict, config) -> tuple[dict, dict]:
             dropped.setdefault(reason, []).append(key)
     if unexpected:
         raise ValueError(
-            f"The state dict has tensors of modules with no counterpart and not covered by the options: {unexpected[:6]}"
+            "The state dict has tensors of modules with no counterpart and not covered by the options: "
+            f"{unexpected[:6]}"
             + (f" … ({len(unexpected)} in all)" if len(unexpected) > 6 else "")
             + " (e.g. gate_values, value residual, positional embeddings or extra modalities were enabled)"
         )
@@ -267,7 +272,8 @@ def load_state(path) -> dict:
         # torch's own message advises weights_only=False, i.e. running the file's code: never do that
         raise ValueError(
             f"{path} holds more than tensors (or is damaged), so it is not loaded: a .pt file may only hold a state "
-            "dict of tensors. Save the weights with safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')"
+            "dict of tensors. Save the weights with "
+            "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
@@ -294,7 +300,9 @@ def convert(weights, options: dict | str | Path, latent_size: int = 8, vae: str 
         try:
             options = json.loads(options_path.read_text())
         except (OSError, ValueError) as err:
-            raise ValueError(f"--config {options_path}: not a readable JSON file of Transfusion keyword arguments ({err})") from None
+            raise ValueError(
+                f"--config {options_path}: not a readable JSON file of Transfusion keyword arguments ({err})"
+            ) from None
         if not isinstance(options, dict):
             raise ValueError(f"--config {options_path}: expected a JSON object of Transfusion keyword arguments")
     check_options(options)
@@ -325,7 +333,9 @@ def main(argv=None):
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--weights", required=True, help="state dict of a transfusion_pytorch.Transfusion (.safetensors/.pt)")
+    p.add_argument(
+        "--weights", required=True, help="state dict of a transfusion_pytorch.Transfusion (.safetensors/.pt)"
+    )
     p.add_argument("--config", required=True, help="JSON file of the keyword arguments it was built with")
     p.add_argument("--output", required=True, help="model folder to write")
     p.add_argument("--latent-size", type=int, default=8, help="latent height/width (patch size is 1); default 8")
@@ -337,7 +347,10 @@ def main(argv=None):
     (out / "conversion_report.json").write_text(json.dumps(report, indent=2) + "\n")
     dropped = ", ".join(f"{n} × {why}" for why, n in report["dropped"].items())
     print(f"mapped {report['mapped_tensors']} tensors; dropped (no counterpart): {dropped or 'nothing'}")
-    print(f"wrote the model to {out}/ (no tokenizer: transfusion-pytorch uses raw ids; special ids {report['special_ids']})")
+    print(
+        f"wrote the model to {out}/ (no tokenizer: transfusion-pytorch uses raw ids; "
+        f"special ids {report['special_ids']})"
+    )
     return out
 
 

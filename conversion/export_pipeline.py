@@ -8,8 +8,8 @@
     python -m conversion.export_pipeline --refresh-code checkpoints/transfusion-tiny
 
 `--model` is a saved pipeline folder (`model_index.json`) or a model folder (`config.json` of model_type
-"transfusion"; the tokenizer next to it or in `--tokenizer`). `--vae` replaces the VAE weights (its config must equal the
-model's `vae_config`), `--lora` fuses a LoRA adapter into the weights before saving. The folder is written by
+"transfusion"; the tokenizer next to it or in `--tokenizer`). `--vae` replaces the VAE weights (its config must equal
+the model's `vae_config`), `--lora` fuses a LoRA adapter into the weights before saving. The folder is written by
 `TransfusionPipeline.save_pretrained`, so it carries its own code and loads with `TransfusionPipeline.from_pretrained`,
 `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` and `AutoModelForCausalLM.from_pretrained(...,
 subfolder="transformer", trust_remote_code=True)`. `--push-to-hub REPO_ID` uploads it afterwards (needs `hf auth login`
@@ -37,7 +37,8 @@ scheduler, the tokenizer and the code to load them.
 |---|---|
 | Parameters | {parameters} transformer + {vae_parameters} VAE |
 | Backbone | {layers} layers, width {hidden}, {heads} heads ({kv_heads} key/value), vocabulary {vocab} |
-| Images | {image_size}×{image_size} px → {latent_channels}×{latent_size}×{latent_size} latents, {patch}×{patch} patches ({slots} slots per image), {encoder} patch encoder |
+| Images | {image_size}×{image_size} px → {latent_channels}×{latent_size}×{latent_size} latents, \
+{patch}×{patch} patches ({slots} slots per image), {encoder} patch encoder |
 | Diffusion | {diffusion} ({prediction}), λ = {weight}; sampling scheduler `{scheduler}` |
 {base_row}
 {description}
@@ -85,7 +86,9 @@ def load_components(model_path, tokenizer_path=None):
         raise ValueError(f"{root} is neither a pipeline folder (model_index.json) nor a model folder (config.json)")
     model_type = json.loads(config_path.read_text()).get("model_type")
     if model_type != "transfusion":
-        raise ValueError(f"{root} holds a {model_type!r} model; convert it first (conversion/convert_llama_to_transfusion.py)")
+        raise ValueError(
+            f"{root} holds a {model_type!r} model; convert it first (conversion/convert_llama_to_transfusion.py)"
+        )
     from modeling_transfusion import TransfusionForCausalLM
 
     model = TransfusionForCausalLM.from_pretrained(root)
@@ -115,10 +118,11 @@ def replace_vae(model, vae_path) -> None:
     vae = AutoencoderKL.from_pretrained(vae_path)
     given = json.loads(json.dumps({k: v for k, v in dict(vae.config).items() if not k.startswith("_")}))
     ours = model.config.vae_config
-    differ = {k: (ours.get(k), given.get(k)) for k in set(ours) | set(given) if k in ours and ours.get(k) != given.get(k)}
+    differ = {k: (ours.get(k), given.get(k)) for k in set(ours) | set(given)
+              if k in ours and ours.get(k) != given.get(k)}
     if differ:
-        raise ValueError(f"The VAE in {vae_path} does not match the model's vae_config: "
-                         + ", ".join(f"{k}: model {a!r} vs VAE {b!r}" for k, (a, b) in sorted(differ.items())))  # fmt: skip
+        pairs = ", ".join(f"{k}: model {a!r} vs VAE {b!r}" for k, (a, b) in sorted(differ.items()))
+        raise ValueError(f"The VAE in {vae_path} does not match the model's vae_config: {pairs}")
     model.model.vae.load_state_dict(vae.state_dict())
     model.model.vae.requires_grad_(False)
 
@@ -169,7 +173,8 @@ def save_pipeline(model, tokenizer, output, scheduler=None, repo_id=None, base_m
     """Write the pipeline folder (TransfusionPipeline.save_pretrained) and its README.md model card."""
     from modeling_transfusion import TransfusionPipeline
 
-    pipe = TransfusionPipeline(transformer=model, scheduler=make_scheduler(model, current=scheduler), tokenizer=tokenizer)
+    pipe = TransfusionPipeline(transformer=model, scheduler=make_scheduler(model, current=scheduler),
+                               tokenizer=tokenizer)
     output = Path(output)
     pipe.save_pretrained(output)
     model_card(pipe, repo_id, base_model, description).save(output / "README.md")
@@ -189,7 +194,9 @@ def push_to_hub(folder, repo_id: str, private: bool = False, token: str | None =
 
 def main(argv=None):
     p = argparse.ArgumentParser(
-        prog="python -m conversion.export_pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m conversion.export_pipeline",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", help="pipeline folder or Transfusion model folder")
     p.add_argument("--output", help="folder to write (not the --model folder itself)")
@@ -200,7 +207,8 @@ def main(argv=None):
     p.add_argument("--lora", help="LoRA adapter folder to fuse into the weights before saving")
     p.add_argument("--scheduler", choices=sorted(SCHEDULER_NAMES), help="sampling scheduler (default: keep, else ddim)")
     p.add_argument("--scheduler-config", type=json.loads, default={},
-                   help='JSON overrides of the sampling scheduler config, e.g. \'{"algorithm_type": "sde-dpmsolver++"}\'')
+                   help="JSON overrides of the sampling scheduler config, "
+                   'e.g. \'{"algorithm_type": "sde-dpmsolver++"}\'')
     p.add_argument("--description", default="", help="a paragraph for the model card (or @file to read it from)")
     p.add_argument("--base-model", help="Hub id of the model the text part was initialised from (card metadata)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub repository afterwards")
@@ -226,12 +234,14 @@ def main(argv=None):
     if args.lora:
         from modeling_transfusion import TransfusionPipeline
 
-        pipe = TransfusionPipeline(transformer=model, scheduler=make_scheduler(model, current=scheduler), tokenizer=tokenizer)
+        pipe = TransfusionPipeline(transformer=model, scheduler=make_scheduler(model, current=scheduler),
+                                   tokenizer=tokenizer)
         pipe.load_lora_weights(args.lora)
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # the fused weights stay, saved under plain keys
     description = Path(args.description[1:]).read_text() if args.description.startswith("@") else args.description
-    out = save_pipeline(model, tokenizer, args.output, make_scheduler(model, args.scheduler, scheduler, args.scheduler_config),
+    out = save_pipeline(model, tokenizer, args.output,
+                        make_scheduler(model, args.scheduler, scheduler, args.scheduler_config),
                         args.push_to_hub, args.base_model, description)  # fmt: skip
     print(f"wrote the pipeline folder with a model card to {out}/")
     if args.push_to_hub:
