@@ -47,7 +47,8 @@ def denoise_step(model, prefix_ids, latents, device) -> float:
     t = torch.full((prefix_ids.shape[0],), 500.0, device=device)
     synchronize(device)
     start = time.perf_counter()
-    model(input_ids=slots, past_key_values=cache, use_cache=True, image_latents=latents, image_timesteps=t, logits_to_keep=1)
+    model(input_ids=slots, past_key_values=cache, use_cache=True, image_latents=latents, image_timesteps=t,
+          logits_to_keep=1)
     synchronize(device)
     return time.perf_counter() - start
 
@@ -121,8 +122,12 @@ def main():
             "train_tokens_per_s": round(tokens / statistics.median(run["train"]), 1),
             "denoise_step_ms": round(1000 * statistics.median(run["denoise"]), 2),
         }
-    result["mot_over_dense_tokens_per_s"] = round(result["mot"]["train_tokens_per_s"] / result["shared"]["train_tokens_per_s"], 3)
-    result["mot_over_dense_denoise_time"] = round(result["mot"]["denoise_step_ms"] / result["shared"]["denoise_step_ms"], 3)
+    result["mot_over_dense_tokens_per_s"] = round(
+        result["mot"]["train_tokens_per_s"] / result["shared"]["train_tokens_per_s"], 3
+    )
+    result["mot_over_dense_denoise_time"] = round(
+        result["mot"]["denoise_step_ms"] / result["shared"]["denoise_step_ms"], 3
+    )
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

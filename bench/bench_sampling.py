@@ -1,6 +1,7 @@
 """Sampling latency of TransfusionPipeline.
 
-    python bench/bench_sampling.py [--model checkpoints/transfusion-tiny] [--threads 2] [--out results/bench_sampling.json]
+    python bench/bench_sampling.py [--model checkpoints/transfusion-tiny] [--threads 2] \\
+        [--out results/bench_sampling.json]
     python bench/bench_sampling.py --preset paper-0.16B --device cuda --dtype bfloat16 --prompt-lengths 8 2048
 
 1. Seconds per denoising step with a short vs a long prompt (default 8 and 256 tokens), with the prefix KV cache
@@ -39,8 +40,9 @@ def load(model_path: str | None, preset: str | None, max_prompt: int) -> tuple[T
         if preset:
             config = TransfusionConfig.from_preset(preset, max_position_embeddings=room)
         else:
-            config = TransfusionConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
-                                       num_key_value_heads=4, vocab_size=2048, max_position_embeddings=room)
+            config = TransfusionConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=6,
+                                       num_attention_heads=8, num_key_value_heads=4, vocab_size=2048,
+                                       max_position_embeddings=room)
         model = TransfusionForCausalLM(config).eval()
         tokenizer = build_tokenizer(["a photo of a dress", "a red circle"] * 50, vocab_size=300)
         pipe = TransfusionPipeline(model, DDIMScheduler.from_config(config.scheduler_config()), tokenizer)
@@ -141,7 +143,9 @@ def main():
         "step_ms": per_step,
         f"ratio_{long}_over_{short}_cached": ratio["cached"],
         f"ratio_{long}_over_{short}_uncached": ratio["uncached"],
-        "one_image_seconds": {k: round(sampler_seconds(pipe, cls, n, 1, **kw), 3) for k, (cls, n, kw) in samplers.items()},
+        "one_image_seconds": {
+            k: round(sampler_seconds(pipe, cls, n, 1, **kw), 3) for k, (cls, n, kw) in samplers.items()
+        },
     }
     if args.batch_images:
         result[f"batch_of_{args.batch_images}_seconds"] = {

@@ -108,7 +108,9 @@ def main():
         "transfusion": {"input_ids": ids, "labels": ids, "image_latents": latents.to(dtype)},
         "llama": {"input_ids": ids, "labels": ids},
     }
-    optimizers = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()}
+    optimizers = {
+        k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()
+    }
     # Transfusion's training step includes the objective's noising and diffusion loss; Llama's is its own forward
     objective = TransfusionDiffusionObjective(config)
     loss_of = {"transfusion": lambda **inputs: objective(models["transfusion"], **inputs), "llama": models["llama"]}

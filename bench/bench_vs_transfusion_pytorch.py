@@ -35,7 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from diffusers import DDIMScheduler  # noqa: E402
 
-from modeling_transfusion import TransfusionConfig, TransfusionDiffusionObjective, TransfusionForCausalLM, build_tokenizer  # noqa: E402
+from modeling_transfusion import (  # noqa: E402
+    TransfusionConfig,
+    TransfusionDiffusionObjective,
+    TransfusionForCausalLM,
+    build_tokenizer,
+)
 from pipelines import TransfusionPipeline  # noqa: E402
 
 TP_VERSION = "0.20.0"

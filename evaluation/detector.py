@@ -19,7 +19,15 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from training.datasets import COLOURS, EVAL_CATEGORIES, SceneSpec, parse_caption, relation_holds, render_scene, shapes_scene
+from training.datasets import (
+    COLOURS,
+    EVAL_CATEGORIES,
+    SceneSpec,
+    parse_caption,
+    relation_holds,
+    render_scene,
+    shapes_scene,
+)
 
 _NAMES = tuple(COLOURS)
 _PALETTE = np.array([COLOURS[c] for c in _NAMES], dtype=np.float64)  # (K, 3)

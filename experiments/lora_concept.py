@@ -76,7 +76,8 @@ def _concept_spec(rng: np.random.Generator, concept: str, kind: str | None = Non
     else:
         colour2, shape2 = tuple(COLOURS)[rng.integers(len(COLOURS))], SHAPES[rng.integers(len(SHAPES))]
         relation = RELATIONS[rng.integers(len(RELATIONS))]
-        spec = place_objects(rng, SceneSpec("relation", "red", "circle", relation=relation, colour2=colour2, shape2=shape2))
+        scene = SceneSpec("relation", "red", "circle", relation=relation, colour2=colour2, shape2=shape2)
+        spec = place_objects(rng, scene)
         caption = f"a {colour} {shape} {relation} a {colour2} {shape2}"
     objects = [replace(spec.objects[0], colour=colour, shape=shape)] + [
         replace(o, colour=colour, shape=shape) if kind == "count" else o for o in spec.objects[1:]
@@ -85,7 +86,8 @@ def _concept_spec(rng: np.random.Generator, concept: str, kind: str | None = Non
 
 
 def render_objects(objects, palette: dict) -> np.ndarray:
-    """Draw placed objects on black with `palette` colours, as `training.datasets.render_scene` does: uint8 (32, 32, 3)."""
+    """Draw placed objects on black with `palette` colours, as `training.datasets.render_scene` does: uint8
+    (32, 32, 3)."""
     from training.datasets import IMAGE_SIZE
 
     image = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)

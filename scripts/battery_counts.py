@@ -58,8 +58,8 @@ def main(argv=None):
                 shutil.copyfile(source, tree / "tests" / source.name)
             report = Path(tmp) / "report.xml"
             subprocess.run(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors", f"--timeout={args.timeout}",
-                 f"--junitxml={report}", *[f"tests/{f.name}" for f in files]],
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors",
+                 f"--timeout={args.timeout}", f"--junitxml={report}", *[f"tests/{f.name}" for f in files]],
                 cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             counts = collections.defaultdict(collections.Counter)

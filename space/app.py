@@ -195,7 +195,8 @@ class NotUploadedError(InputError):
     """A file the request names that gradio did not receive (a server path, a special file)."""
 
 
-NOT_UPLOADED = "The image file was not uploaded to this server; upload the image itself (gradio_client: handle_file(path))."
+NOT_UPLOADED = ("The image file was not uploaded to this server; upload the image itself "
+                "(gradio_client: handle_file(path)).")
 
 
 def upload_path(file) -> str | None:
@@ -359,7 +360,8 @@ class TransfusionSpace:
     # text → image
     def generate(self, prompt, negative_prompt="", steps=None, guidance=3.0, seed=0, scheduler=None, num_images=1,
                  progress=gr.Progress()):  # fmt: skip
-        """API defaults: no negative prompt, the checkpoint's own step count and scheduler, guidance 3, seed 0, one image."""
+        """API defaults: no negative prompt, the checkpoint's own step count and scheduler, guidance 3, seed 0, one
+        image."""
         steps = self.default_steps if steps is None else steps
         scheduler = self.default_scheduler if scheduler is None else scheduler
         prompt = check_text(prompt, "Prompt")
@@ -538,7 +540,8 @@ def build_demo(pipe, concurrency: int = 2, model_name: str | None = None) -> gr.
             with gr.Row():
                 with gr.Column():
                     prompt = gr.Textbox(label="Prompt", placeholder="a red circle", elem_id="prompt")
-                    negative = gr.Textbox("", label="Negative prompt", placeholder="optional", elem_id="negative-prompt")
+                    negative = gr.Textbox("", label="Negative prompt", placeholder="optional",
+                                          elem_id="negative-prompt")
                     with gr.Row():
                         steps = gr.Slider(1, MAX_STEPS, value=space.default_steps, step=1, precision=0, label="Steps")
                         guidance = gr.Slider(0, MAX_GUIDANCE, value=3.0, step=0.1, label="Guidance scale")

@@ -83,14 +83,17 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     header = "| leg | step | " + " | ".join(label for label, _ in METRICS.values()) + " |"
-    lines = ["# LMFusion at toy scale: results", "", "Last evaluation of every leg (`experiments/lmfusion/run.sh`).", "",
+    lines = ["# LMFusion at toy scale: results", "",
+             "Last evaluation of every leg (`experiments/lmfusion/run.sh`).", "",
              header, "|" + "---|" * (len(METRICS) + 2)]  # fmt: skip
     for leg, r in legs.items():
         step, m = r["points"][-1]
         lines.append(f"| {LEGS[leg]} | {step} | " + " | ".join(fmt(m[k], k) for k in METRICS) + " |")
     # every token runs through one expert: a MoT model costs the dense model's FLOPs per token (6·N·D, N dense)
     dense = next((r["parameters"] for leg, r in legs.items() if leg in ("text", "dense")), None)
-    lines += ["", "| leg | parameters | trainable | training tokens | training wall time (s) | 6·N_dense·D (TFLOP, estimate) |",
+    lines += ["",
+              "| leg | parameters | trainable | training tokens | training wall time (s) "
+              "| 6·N_dense·D (TFLOP, estimate) |",
               "|---|---|---|---|---|---|"]  # fmt: skip
     for leg, r in legs.items():
         flops = 6 * dense * r["tokens"] / 1e12 if dense and r["tokens"] else None
