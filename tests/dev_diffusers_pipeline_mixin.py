@@ -72,7 +72,9 @@ def _tests_dir() -> Path | None:
 
 _DIR = _tests_dir()
 if _DIR is None:
-    pytest.skip("diffusers' test files not found: set DIFFUSERS_GIT_DIR or DIFFUSERS_TESTS_DIR", allow_module_level=True)
+    pytest.skip(
+        "diffusers' test files not found: set DIFFUSERS_GIT_DIR or DIFFUSERS_TESTS_DIR", allow_module_level=True
+    )
 sys.path.insert(0, str(_DIR))
 sys.path.insert(0, str(ROOT / "tests"))
 

@@ -39,8 +39,10 @@ def test_bad_input_ids(model, ids, message):
 
 def test_attention_mask_of_the_wrong_length_or_batch(model):
     ids = torch.tensor([[0, 10, 11]])
-    for mask in (torch.ones(1, 2, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), torch.ones(3, dtype=torch.long)):
-        with pytest.raises(ValueError, match=r"attention_mask must have shape \(batch, cached \+ new tokens\) = \(1, 3\)"):
+    masks = (torch.ones(1, 2, dtype=torch.long), torch.ones(2, 3, dtype=torch.long), torch.ones(3, dtype=torch.long))
+    for mask in masks:
+        with pytest.raises(ValueError,
+                           match=r"attention_mask must have shape \(batch, cached \+ new tokens\) = \(1, 3\)"):
             model(input_ids=ids, attention_mask=mask)
 
 
@@ -64,7 +66,8 @@ def test_images_that_are_nan_out_of_range_or_at_bad_timesteps(model):
         (torch.tensor([[0, 10]]), r"labels must be an integer tensor of the shape of input_ids \(1, 3\)"),
         (torch.tensor([[0.0, 10.0, 11.0]]), r"labels must be an integer tensor .* torch.float32"),
         (torch.tensor([[0, 10, 11], [0, 10, 11]]), r"labels must be an integer tensor .* \(2, 3\)"),
-        (torch.tensor([[0, 10, 999]]), r"labels hold \[999\]: each must be -100 \(no loss\) or a token id in \[0, 300\)"),
+        (torch.tensor([[0, 10, 999]]),
+         r"labels hold \[999\]: each must be -100 \(no loss\) or a token id in \[0, 300\)"),
         (torch.tensor([[0, -5, 11]]), r"labels hold \[-5\]"),
     ],
 )
@@ -75,7 +78,8 @@ def test_bad_labels(model, labels, message):
 
 def test_invalid_config_values_are_refused():
     for field, value in (("num_hidden_layers", -1), ("num_hidden_layers", 0), ("hidden_size", 0), ("vocab_size", 2),
-                         ("max_position_embeddings", 0), ("num_attention_heads", 0), ("intermediate_size", -3)):  # fmt: skip
+                         ("max_position_embeddings", 0), ("num_attention_heads", 0),
+                         ("intermediate_size", -3)):  # fmt: skip
         with pytest.raises(ValueError, match=rf"TransfusionConfig.{field}={value!r} is invalid"):
             TransfusionConfig.from_preset("tiny", **{field: value})
 
@@ -94,6 +98,7 @@ def test_a_flipped_byte_that_makes_nan_weights_is_named(tmp_path):
     state = load_file(tmp_path / "model.safetensors")
     state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"NaN or infinite values in model.layers.1.mlp.up_proj.weight .*model.safetensors"):
+    with pytest.raises(ValueError,
+                       match=r"NaN or infinite values in model.layers.1.mlp.up_proj.weight .*model.safetensors"):
         TransfusionForCausalLM.from_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "transfusion"

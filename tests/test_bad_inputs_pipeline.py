@@ -19,7 +19,8 @@ GUIDANCE = r"guidance_scale must be a finite number ≥ 0 \(1 or less = no guida
 IMAGES = r"num_images_per_prompt must be an integer in \[1, 64\]"
 GENERATOR = r"generator must be a torch.Generator, or a list of 2 \(one per image\)"
 TOKENS = r"max_new_tokens must be an integer in \[1, "
-LONG = r"is \d+ tokens long: with the \d+ positions? an image needs, it must be at most \d+ \(max_position_embeddings=256\)"
+LONG = (r"is \d+ tokens long: with the \d+ positions? an image needs, it must be at most \d+ "
+        r"\(max_position_embeddings=256\)")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,8 @@ def works(pipe):
         ({"num_images_per_prompt": 1000}, IMAGES + r" \(call again for more\), got 1000"),
         ({"num_images_per_prompt": 0}, IMAGES + ", got 0"),
         ({"latents": torch.full((1, 4, 8, 8), float("nan"))}, r"latents contain NaN or infinite values"),
-        ({"latents": np.zeros((1, 4, 8, 8), np.float32)}, r"latents must be a torch.Tensor of shape \(1, 4, 8, 8\), got ndarray"),
+        ({"latents": np.zeros((1, 4, 8, 8), np.float32)},
+         r"latents must be a torch.Tensor of shape \(1, 4, 8, 8\), got ndarray"),
         ({"generator": 0}, r"generator must be a torch.Generator, or a list of 1 \(one per image\), got int"),
         ({"negative_prompt": 5}, r"negative_prompt must be a string or a list of 1 strings?, got 5"),
         ({"negative_prompt": [None]}, r"negative_prompt must be a string or a list of 1 strings?, got \[None\]"),
@@ -77,34 +79,40 @@ def test_text_to_image_bad_inputs(pipe, kwargs, message):
     works(pipe)
 
 
-@pytest.mark.parametrize("generator", [[torch.Generator()], [torch.Generator()] * 3, [0, 1], torch.Generator().manual_seed(0).seed()])
+@pytest.mark.parametrize(
+    "generator", [[torch.Generator()], [torch.Generator()] * 3, [0, 1], torch.Generator().manual_seed(0).seed()]
+)
 def test_generator_list_must_have_one_per_image(pipe, generator):
     with pytest.raises(ValueError, match=GENERATOR):
         pipe(["a", "b"], generator=generator, num_inference_steps=1)
 
 
 def test_many_prompts_times_images_is_capped(pipe):
-    with pytest.raises(ValueError, match=r"40 prompts × num_images_per_prompt=2 = 80 images: one call makes at most 64"):
+    with pytest.raises(ValueError,
+                       match=r"40 prompts × num_images_per_prompt=2 = 80 images: one call makes at most 64"):
         pipe(["a"] * 40, num_images_per_prompt=2)
 
 
 def test_bounds_are_inclusive(pipe):
     """The limits themselves are allowed: 1 step, guidance 0 (no guidance), 64 images per call."""
     assert pipe("a", num_inference_steps=1, guidance_scale=0.0, output_type="latent").images.shape[0] == 1
-    assert pipe("a", num_inference_steps=1, num_images_per_prompt=64, guidance_scale=1.0, output_type="latent").images.shape[0] == 64
+    out = pipe("a", num_inference_steps=1, num_images_per_prompt=64, guidance_scale=1.0, output_type="latent")
+    assert out.images.shape[0] == 64
 
 
-# -- caption ------------------------------------------------------------------------------------------------------------
+# -- caption ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "images, message",
     [
         (PIL.Image.new("RGB", (0, 0)), r"image is empty \(size 0×0\)"),
-        (np.zeros((8, 8, 5), np.uint8), r"A numpy image must be uint8 HW or HWC with 1, 3 or 4 channels, got .* shape \(8, 8, 5\)"),
+        (np.zeros((8, 8, 5), np.uint8),
+         r"A numpy image must be uint8 HW or HWC with 1, 3 or 4 channels, got .* shape \(8, 8, 5\)"),
         (np.zeros((8, 8, 3), np.float32), r"A numpy image must be uint8 .* got dtype float32"),
         (torch.full((3, 32, 32), float("nan")), r"image tensor contains NaN or infinite values"),
         (torch.zeros(3, 0, 0), r"image is empty \(shape \(3, 0, 0\)\)"),
         (torch.zeros(5, 32, 32), r"An image tensor must be \(3, H, W\) in \[-1, 1\], got shape \(5, 32, 32\)"),
-        ([PIL.Image.new("RGB", (8, 8)), None], r"images must be PIL images, uint8 arrays or \(3, H, W\) tensors in \[-1, 1\], got \['Image', 'NoneType'\]"),
+        ([PIL.Image.new("RGB", (8, 8)), None],
+         r"images must be PIL images, uint8 arrays or \(3, H, W\) tensors in \[-1, 1\], got \['Image', 'NoneType'\]"),
         ([], r"caption\(\) needs at least one image"),
     ],
 )
@@ -122,7 +130,8 @@ def test_caption_bad_images(pipe, images, message):
         ({"max_new_tokens": 0}, TOKENS + r"\d+\] \(the positions left after the image\), got 0"),
         ({"max_new_tokens": 10**6}, TOKENS + r"\d+\] \(the positions left after the image\), got 1000000"),
         ({"prompt": 5}, r"prompt must be a string or None, got 5"),
-        ({"prompt": "a " * 2000}, r"caption row 0 " + LONG.replace("with the \\d+ positions? an image needs, ", "").replace("at most", "shorter than")),
+        ({"prompt": "a " * 2000}, r"caption row 0 "
+         + LONG.replace("with the \\d+ positions? an image needs, ", "").replace("at most", "shorter than")),
     ],
 )
 def test_caption_bad_arguments(pipe, kwargs, message):
@@ -145,7 +154,8 @@ def test_caption_bad_arguments(pipe, kwargs, message):
         ({"max_images": 1.5}, r"max_images must be an integer ≥ 0, got 1.5"),
         ({"generator": 3}, r"generator must be a torch.Generator or None, got int"),
         ({"prompt": "a " * 2000}, r"prompt row 0 is \d+ tokens long"),
-        ({"prompt": 5}, r"prompt must be a string, a list of strings and images \(one row\) or a list of rows, got int"),
+        ({"prompt": 5},
+         r"prompt must be a string, a list of strings and images \(one row\) or a list of rows, got int"),
     ],
 )
 def test_interleaved_bad_arguments(pipe, kwargs, message):
@@ -155,7 +165,7 @@ def test_interleaved_bad_arguments(pipe, kwargs, message):
     assert pipe.generate_interleaved("a", max_new_tokens=1, max_images=0).items is not None
 
 
-# -- the saved folder ---------------------------------------------------------------------------------------------------
+# -- the saved folder -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def saved(pipe, tmp_path_factory):
     root = tmp_path_factory.mktemp("saved") / "pipe"
@@ -180,14 +190,16 @@ def edit_json(path, **values):
     "change, error, message",
     [
         (lambda r: edit_json(r / "transformer" / "config.json", model_type="llama"), ValueError,
-         r"transformer/config.json has model_type 'llama': this is not a Transfusion model \(model_type 'transfusion'\)"),
+         r"transformer/config.json has model_type 'llama': "
+         r"this is not a Transfusion model \(model_type 'transfusion'\)"),
         (lambda r: edit_json(r / "scheduler" / "scheduler_config.json", _class_name="NoSuchScheduler"), ValueError,
          r"scheduler/scheduler_config.json names the scheduler class 'NoSuchScheduler', which diffusers does not have"),
         (lambda r: (r / "tokenizer" / "tokenizer.json").write_text("{ not json"), ValueError,
          r"tokenizer/tokenizer.json cannot be read"),
         (lambda r: shutil.rmtree(r / "tokenizer"), FileNotFoundError, r"has no tokenizer folder"),
         (lambda r: shutil.rmtree(r / "scheduler"), FileNotFoundError, r"has no scheduler folder"),
-        (lambda r: (r / "model_index.json").unlink(), FileNotFoundError, r"has no model_index.json: it is not a saved pipeline folder"),
+        (lambda r: (r / "model_index.json").unlink(), FileNotFoundError,
+         r"has no model_index.json: it is not a saved pipeline folder"),
         (lambda r: (r / "model_index.json").write_text("[1, 2"), ValueError, r"model_index.json cannot be read"),
     ],
 )

@@ -77,7 +77,8 @@ def test_chat_cannot_smuggle_a_server_file(client, picture, tmp_path):
     with pytest.raises(AppError, match="meta"):
         client.predict({"text": "what is this?", "files": [str(secret)]}, [], *settings, api_name="/chat")
     still_serves(client, picture)
-    history = [{"role": "user", "content": [{"type": "file", "file": {"path": str(secret)}}]},  # an image in the history
+    # an image in the history
+    history = [{"role": "user", "content": [{"type": "file", "file": {"path": str(secret)}}]},
                {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]  # fmt: skip
     with pytest.raises(AppError, match="meta"):  # refused by gradio's ChatbotDataMessages validation
         client.predict({"text": "what is this?", "files": []}, history, *settings, api_name="/chat")

@@ -31,7 +31,8 @@ CONFIG_CASES = [  # (file name, text, what the message must say)
     ("lr.yaml", "lr: fast\n", r"lr \(--lr\): 'fast' is not a number"),
     ("choice.yaml", "patch_encoder: conv\n", r"patch_encoder \(--patch-encoder\): 'conv' is not one of linear, unet"),
     ("betas.yaml", "betas: [0.9]\n", r"betas \(--betas\): \[0\.9\] is not 2 values"),
-    ("flag.yaml", "gradient_checkpointing: yes please\n", r"gradient_checkpointing .*'yes please' is not true or false"),
+    ("flag.yaml", "gradient_checkpointing: yes please\n",
+     r"gradient_checkpointing .*'yes please' is not true or false"),
     ("kwargs.yaml", "model_kwargs: [1]\n", r"model_kwargs .*is not a mapping of TransfusionConfig fields"),
     ("mix.yaml", "mix: [1, 2]\n", r"--mix \[1, 2\]: expected name=weight pairs"),
     ("first.yaml", "image_first_prob: [1, 2]\n", r"image_first_prob \[1, 2\]: expected a probability"),
@@ -108,8 +109,9 @@ def assets(tmp_path_factory):
     build_tokenizer(TOKENIZER_TEXT, vocab_size=300).save_pretrained(root / "tokenizer")
     torch.manual_seed(0)
     AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
-        block_out_channels=[8, 8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 8, 8], layers_per_block=1, latent_channels=4,
+        norm_num_groups=4, sample_size=32,
     ).save_pretrained(root / "vae")  # fmt: skip
     return root
 
@@ -144,7 +146,9 @@ def test_a_safetensors_write_error_on_a_full_disk_names_the_file(assets, tmp_pat
     from safetensors import SafetensorError
 
     def full(*args, **kwargs):
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     train_script.main(_flags(assets, tmp_path / "first"))  # the latent cache exists
     monkeypatch.setattr(safetensors.torch, "save_file", full)
@@ -161,7 +165,9 @@ def test_a_safetensors_write_error_on_a_full_disk_names_the_file(assets, tmp_pat
     with pytest.raises(SystemExit) as exit_info:  # the latent cache, written before any step
         train_script.main(_flags(assets, tmp_path / "full-cache"))
     err = capsys.readouterr().err
-    assert re.search(r"could not write latent cache .*latents-shapes-.*\.safetensors: no space left on device", err), err
+    assert re.search(
+        r"could not write latent cache .*latents-shapes-.*\.safetensors: no space left on device", err
+    ), err
     assert not list((assets / "latents").glob("*.tmp*"))
 
 
@@ -201,19 +207,27 @@ def _nan_weights(folder: Path) -> None:
 
 
 ADAPTER_CASES = {  # damage → (exception, what the message must say)
-    "missing folder": (lambda f: f.rename(f.with_name("gone")), FileNotFoundError, r"LoRA adapter folder .*adapter not found"),
-    "no config": (lambda f: (f / "adapter_config.json").unlink(), FileNotFoundError, r"adapter has no adapter_config\.json"),
-    "non-JSON config": (lambda f: (f / "adapter_config.json").write_text("{r: 4"), ValueError, r"adapter_config\.json is not valid JSON"),
-    "config not a LoRA config": (lambda f: (f / "adapter_config.json").write_text("[1]"), ValueError, r"adapter_config\.json is not a PEFT LoRA config"),
-    "no weights": (lambda f: (f / "adapter_model.safetensors").unlink(), FileNotFoundError, r"has no adapter_model\.safetensors \(it is missing\)"),
+    "missing folder": (lambda f: f.rename(f.with_name("gone")), FileNotFoundError,
+                       r"LoRA adapter folder .*adapter not found"),
+    "no config": (lambda f: (f / "adapter_config.json").unlink(), FileNotFoundError,
+                  r"adapter has no adapter_config\.json"),
+    "non-JSON config": (lambda f: (f / "adapter_config.json").write_text("{r: 4"), ValueError,
+                        r"adapter_config\.json is not valid JSON"),
+    "config not a LoRA config": (lambda f: (f / "adapter_config.json").write_text("[1]"), ValueError,
+                                 r"adapter_config\.json is not a PEFT LoRA config"),
+    "no weights": (lambda f: (f / "adapter_model.safetensors").unlink(), FileNotFoundError,
+                   r"has no adapter_model\.safetensors \(it is missing\)"),
     "pickled weights": (lambda f: (f / "adapter_model.safetensors").rename(f / "adapter_model.bin"), FileNotFoundError,
                         r"adapter_model\.bin is a pickle and is never loaded"),
     "empty weights": (lambda f: (f / "adapter_model.safetensors").write_bytes(b""), ValueError,
                       r"adapter_model\.safetensors is not a readable safetensors file"),
-    "truncated weights": (lambda f: (f / "adapter_model.safetensors").write_bytes((f / "adapter_model.safetensors").read_bytes()[:-100]),
+    "truncated weights": (lambda f: (f / "adapter_model.safetensors").write_bytes(
+                              (f / "adapter_model.safetensors").read_bytes()[:-100]),
                           ValueError, r"adapter_model\.safetensors is not a readable safetensors file"),
-    "no tensors": (lambda f: save_file({}, f / "adapter_model.safetensors"), ValueError, r"adapter_model\.safetensors holds no tensors"),
-    "NaN weights": (_nan_weights, ValueError, r"adapter_model\.safetensors: tensor .*lora_.* holds NaN or infinite values"),
+    "no tensors": (lambda f: save_file({}, f / "adapter_model.safetensors"), ValueError,
+                   r"adapter_model\.safetensors holds no tensors"),
+    "NaN weights": (_nan_weights, ValueError,
+                    r"adapter_model\.safetensors: tensor .*lora_.* holds NaN or infinite values"),
 }  # fmt: skip
 
 
@@ -264,7 +278,8 @@ def test_llama_converter_names_a_missing_source_or_vae_folder(tmp_path):
     from conversion import convert_llama_to_transfusion as llama_conv
 
     missing = tmp_path / "no-such-model"
-    with pytest.raises(FileNotFoundError, match=rf"--source {re.escape(str(missing))}: no such folder \(expected a local"):
+    with pytest.raises(FileNotFoundError,
+                       match=rf"--source {re.escape(str(missing))}: no such folder \(expected a local"):
         llama_conv.main(["--source", str(missing), "--output", str(tmp_path / "out")])
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"--source .*empty: config\.json is missing"):

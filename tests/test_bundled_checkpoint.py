@@ -27,7 +27,8 @@ def test_bundled_checkpoint_is_small_and_self_contained():
 
 
 def test_bundled_checkpoint_generates_and_captions(pipe):
-    out = pipe("a photo of a trouser", num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="np")
+    out = pipe("a photo of a trouser", num_inference_steps=10, generator=torch.Generator().manual_seed(0),
+               output_type="np")
     image = out.images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all() and image.std() > 0.05
     from training.datasets import load_fashion_mnist
@@ -56,5 +57,6 @@ def test_text_generation_stops_where_an_image_begins(pipe):
     assert out.index(c.boi_token_id) == len(out) - 1, tokenizer.decode(out)  # nothing after it
 
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
-    text = generator("a photo of a dress", max_new_tokens=12, do_sample=False, return_full_text=False)[0]["generated_text"]
+    outputs = generator("a photo of a dress", max_new_tokens=12, do_sample=False, return_full_text=False)
+    text = outputs[0]["generated_text"]
     assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) < 12, text  # stopped early, at the image

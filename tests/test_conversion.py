@@ -34,7 +34,8 @@ from pipelines import TransfusionPipeline
 
 torch.set_num_threads(1)
 FIXTURES = Path(__file__).resolve().parents[1] / "conversion" / "fixtures"
-SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,8 @@ def source_tokenizer():
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)  # fmt: skip
     tok.train_from_iterator(["a red circle to the left of a blue square", "hello world, some text"] * 10, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
@@ -110,7 +112,8 @@ def test_llama_converts_with_identical_text_logits(tmp_path, source_tokenizer, o
 def test_qwen2_converts_with_q_k_v_biases(tmp_path, source_tokenizer):
     torch.manual_seed(0)
     # a padded vocabulary (as the real Qwen2 checkpoints have): the added tokens take unused rows
-    config = Qwen2Config(vocab_size=len(source_tokenizer) + 8, num_key_value_heads=2, tie_word_embeddings=False, **SMALL)
+    config = Qwen2Config(vocab_size=len(source_tokenizer) + 8, num_key_value_heads=2, tie_word_embeddings=False,
+                         **SMALL)
     source = Qwen2ForCausalLM(config).eval()
     folder = save_source(tmp_path / "qwen2", source, source_tokenizer)
     model, tokenizer, report = llama_conv.convert(folder)
@@ -136,8 +139,8 @@ def test_unsupported_sources_are_refused(tmp_path, source_tokenizer):
     qwen3 = Qwen3Config(vocab_size=len(source_tokenizer), num_key_value_heads=2, **SMALL)
     with pytest.raises(ValueError, match="q_norm/k_norm"):
         llama_conv.check_source_config(qwen3)
-    gpt2 = save_source(tmp_path / "gpt2", GPT2LMHeadModel(GPT2Config(vocab_size=len(source_tokenizer), n_embd=32,
-                                                                       n_layer=1, n_head=2)), source_tokenizer)  # fmt: skip
+    gpt2_model = GPT2LMHeadModel(GPT2Config(vocab_size=len(source_tokenizer), n_embd=32, n_layer=1, n_head=2))
+    gpt2 = save_source(tmp_path / "gpt2", gpt2_model, source_tokenizer)
     with pytest.raises(ValueError, match=r"'gpt2' is not a supported Llama-family model"):
         llama_conv.convert(gpt2)
     dynamic = LlamaConfig(**SMALL, rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0})
@@ -152,7 +155,8 @@ def test_mismatched_and_unknown_source_weights_are_named(source_tokenizer):
     special = {"boi": 120, "eoi": 121, "image": 122, "pad": 123, "bos": 1, "eos": 2}
     target_config = llama_conv.transfusion_config(config, special, len(source_tokenizer) + 4)
     bad = dict(state, **{"model.layers.1.mlp.up_proj.weight": torch.zeros(48, 32)})
-    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight: source shape \[48, 32\] differs from.*\[64, 32\]"):
+    with pytest.raises(ValueError,
+                       match=r"model.layers.1.mlp.up_proj.weight: source shape \[48, 32\] differs from.*\[64, 32\]"):
         llama_conv.map_text_weights(bad, TransfusionForCausalLM(target_config), 120, [120, 121, 122, 123])
     extra = dict(state, **{"model.layers.0.self_attn.q_norm.weight": torch.ones(8)})
     with pytest.raises(ValueError, match=r"no place for: \['model.layers.0.self_attn.q_norm.weight'\]"):
@@ -191,20 +195,27 @@ def test_transfusion_pytorch_tensors_land_where_mapped(tmp_path, capsys):
     model = TransfusionForCausalLM.from_pretrained(out).eval()
     src = load_file(str(TP_WEIGHTS))
     c = model.config
-    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.head_dim, c.intermediate_size) == (16, 2, 2, 8, 21)
+    sizes = (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.head_dim, c.intermediate_size)
+    assert sizes == (16, 2, 2, 8, 21)
     assert (c.bos_token_id, c.eos_token_id, c.pad_token_id, c.boi_token_id, c.eoi_token_id) == (32, 33, 34, 35, 36)
     assert c.image_token_id == c.vocab_size - 1 == src["text_embed.weight"].shape[0]
     sd = model.state_dict()
     torch.testing.assert_close(sd["model.embed_tokens.weight"][:-1], src["text_embed.weight"])
     torch.testing.assert_close(sd["lm_head.weight"][:-1], src["to_text_logits.weight"])
     # q: head 1, rotate-half coordinate 5 (= pair 1, second half) is interleaved coordinate 3
-    torch.testing.assert_close(sd["model.layers.1.self_attn.q_proj.weight"][8 + 5], src["transformer.layers.1.1.fn.to_qk.0.weight"][8 + 3])
-    torch.testing.assert_close(sd["model.layers.1.self_attn.k_proj.weight"][2], src["transformer.layers.1.1.fn.to_qk.0.weight"][16 + 4])
-    torch.testing.assert_close(sd["model.layers.0.self_attn.v_proj.weight"], src["transformer.layers.0.1.fn.to_v.0.weight"])
+    torch.testing.assert_close(sd["model.layers.1.self_attn.q_proj.weight"][8 + 5],
+                               src["transformer.layers.1.1.fn.to_qk.0.weight"][8 + 3])
+    torch.testing.assert_close(sd["model.layers.1.self_attn.k_proj.weight"][2],
+                               src["transformer.layers.1.1.fn.to_qk.0.weight"][16 + 4])
+    torch.testing.assert_close(sd["model.layers.0.self_attn.v_proj.weight"],
+                               src["transformer.layers.0.1.fn.to_v.0.weight"])
     scale = src["transformer.layers.0.1.layerscale"] + 1
-    torch.testing.assert_close(sd["model.layers.0.self_attn.o_proj.weight"], scale[:, None] * src["transformer.layers.0.1.fn.to_out.1.weight"])
-    torch.testing.assert_close(sd["model.layers.0.mlp.gate_proj.bias"], src["transformer.layers.0.2.fn.net.0.bias"][21:])
-    torch.testing.assert_close(sd["model.layers.0.input_layernorm.weight"], src["transformer.layers.0.1.layernorm_gamma"] + 1)
+    torch.testing.assert_close(sd["model.layers.0.self_attn.o_proj.weight"],
+                               scale[:, None] * src["transformer.layers.0.1.fn.to_out.1.weight"])
+    torch.testing.assert_close(sd["model.layers.0.mlp.gate_proj.bias"],
+                               src["transformer.layers.0.2.fn.net.0.bias"][21:])
+    torch.testing.assert_close(sd["model.layers.0.input_layernorm.weight"],
+                               src["transformer.layers.0.1.layernorm_gamma"] + 1)
     torch.testing.assert_close(sd["model.norm.weight"], src["transformer.norm.gamma"] + 1)
     torch.testing.assert_close(sd["model.patch_encoder.proj.weight"], src["latent_to_model_projs.0.weight"])
     torch.testing.assert_close(sd["model.patch_decoder.proj_out.weight"], -src["model_to_latent_projs.0.weight"])
@@ -231,14 +242,17 @@ def test_transfusion_pytorch_options_without_counterpart_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"qk_rmsnorm=True.*gate_values=True"):
         tp_conv.check_options(defaults)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['transformer.fancy'\]"):
-        tp_conv.check_options({"num_text_tokens": 8, "transformer": {"dim": 8, "depth": 1, "fancy": 1,
-                                                                     "qk_rmsnorm": False, "attn_kwargs": {"gate_values": False}}})  # fmt: skip
+        tp_conv.check_options({"num_text_tokens": 8,
+                               "transformer": {"dim": 8, "depth": 1, "fancy": 1, "qk_rmsnorm": False,
+                                               "attn_kwargs": {"gate_values": False}}})  # fmt: skip
     with pytest.raises(ValueError, match="use_value_residual=True: value residual"):
         tp_conv.check_options({**defaults, "transformer": {**defaults["transformer"], "qk_rmsnorm": False,
-                                                           "use_value_residual": True, "attn_kwargs": {"gate_values": False}}})  # fmt: skip
+                                                           "use_value_residual": True,
+                                                           "attn_kwargs": {"gate_values": False}}})  # fmt: skip
     with pytest.raises(ValueError, match="several modalities"):
-        tp_conv.check_options({**defaults, "dim_latent": [4, 8], "transformer": {"dim": 16, "depth": 2, "qk_rmsnorm": False,
-                                                                                "attn_kwargs": {"gate_values": False}}})  # fmt: skip
+        tp_conv.check_options({**defaults, "dim_latent": [4, 8],
+                               "transformer": {"dim": 16, "depth": 2, "qk_rmsnorm": False,
+                                               "attn_kwargs": {"gate_values": False}}})  # fmt: skip
 
 
 @needs_fixture
@@ -287,12 +301,14 @@ def test_export_pipeline_with_card_lora_and_scheduler(tmp_path, tokenizer, monke
     out = export_pipeline.main(["--model", str(tmp_path / "base"), "--output", str(tmp_path / "export"),
                                 "--lora", str(tmp_path / "adapter"), "--scheduler", "dpm",
                                 "--scheduler-config", '{"algorithm_type": "sde-dpmsolver++"}',
-                                "--description", "A tiny test model.", "--push-to-hub", "someone/tiny", "--private"])  # fmt: skip
+                                "--description", "A tiny test model.",
+                                "--push-to-hub", "someone/tiny", "--private"])  # fmt: skip
     assert "pushed" in capsys.readouterr().out
     assert calls == [("token", None), ("create", "someone/tiny", True), ("upload", "export", "someone/tiny")]
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: diffusers" in card and "pipeline_tag: text-to-image" in card
-    assert 'DiffusionPipeline.from_pretrained("someone/tiny", trust_remote_code=True)' in card and "A tiny test model." in card
+    assert 'DiffusionPipeline.from_pretrained("someone/tiny", trust_remote_code=True)' in card
+    assert "A tiny test model." in card
     saved = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert (saved["_class_name"], saved["algorithm_type"]) == ("DPMSolverMultistepScheduler", "sde-dpmsolver++")
     assert "`DPMSolverMultistepScheduler (sde-dpmsolver++)`" in card
@@ -331,8 +347,9 @@ def test_exported_folder_loads_as_remote_code_in_a_fresh_process(tmp_path, token
         torch.testing.assert_close(got, torch.load({str(tmp_path / "expected.pt")!r}))
         print("ok")
     """)
+    env = outside_repo_env(tmp_path, {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")})
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env=outside_repo_env(tmp_path, {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")}))  # fmt: skip
+                            env=env)  # fmt: skip
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
@@ -360,7 +377,8 @@ def test_llama_converts_to_mot_with_identical_text_logits_and_copied_image_exper
     config = LlamaConfig(vocab_size=len(source_tokenizer), bos_token_id=1, eos_token_id=2, **SMALL)
     source = LlamaForCausalLM(config).eval()
     folder = save_source(tmp_path / "llama", source, source_tokenizer)
-    out = llama_conv.main(["--source", str(folder), "--output", str(tmp_path / "mot"), "--modality-experts", "mot", "--pipeline"])
+    out = llama_conv.main(["--source", str(folder), "--output", str(tmp_path / "mot"), "--modality-experts", "mot",
+                           "--pipeline"])
     pipe = TransfusionPipeline.from_pretrained(out)  # the output folder loads with the pipeline
     model = pipe.transformer.eval()
     assert model.config.modality_experts == "mot"

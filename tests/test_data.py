@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(int(os.environ.get("TRANSFUSION_THREADS", "1")))
 
-needs_fashion = pytest.mark.skipif(not fashion_mnist.FASHION_DIR.is_dir(), reason="apt-get install -y dataset-fashion-mnist")
+needs_fashion = pytest.mark.skipif(not fashion_mnist.FASHION_DIR.is_dir(),
+                                   reason="apt-get install -y dataset-fashion-mnist")
 
 
 # ------------------------------------------------------------------------------------------------ Fashion-MNIST

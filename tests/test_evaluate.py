@@ -140,9 +140,11 @@ def test_scheduler_names_are_checked_against_the_diffusion_type():
     assert scheduler_class("euler", "flow_matching").__name__ == "FlowMatchEulerDiscreteScheduler"
     with pytest.raises(ValueError, match=r"scheduler 'ddim' does not fit a flow_matching model; use flow-euler"):
         scheduler_class("ddim", "flow_matching")
-    with pytest.raises(ValueError, match=r"scheduler 'flow-euler' does not fit a ddpm model; use ddim, ddpm, dpm or euler"):
+    with pytest.raises(ValueError,
+                       match=r"scheduler 'flow-euler' does not fit a ddpm model; use ddim, ddpm, dpm or euler"):
         scheduler_class("flow-euler", "ddpm")
-    with pytest.raises(ValueError, match=r"scheduler 'unipc'; expected one of \['ddim', 'ddpm', 'dpm', 'euler', 'flow-euler'\]"):
+    with pytest.raises(ValueError,
+                       match=r"scheduler 'unipc'; expected one of \['ddim', 'ddpm', 'dpm', 'euler', 'flow-euler'\]"):
         scheduler_class("unipc", "ddpm")
 
 

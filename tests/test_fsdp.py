@@ -79,7 +79,8 @@ def test_fsdp_on_two_processes_matches_one_process_with_the_same_global_batch(fs
     assert run["split_text"] is False  # one forward per micro-batch: every FSDP forward is a collective
     assert_same_losses(log_of(fsdp), log_of(reference), exact=False)
     # the gathered checkpoint and the final save_pretrained export both equal the 1-process saves
-    assert_same_weights(fsdp / "checkpoints/step-6/model.safetensors", reference / "checkpoints/step-6/model.safetensors", exact=False)
+    assert_same_weights(fsdp / "checkpoints/step-6/model.safetensors",
+                        reference / "checkpoints/step-6/model.safetensors", exact=False)
     assert_same_weights(fsdp / "final/model.safetensors", reference / "final/model.safetensors", exact=False)
     assert {p.name for p in (fsdp / "checkpoints/step-6").iterdir()} == {
         "model.safetensors", "optimizer.safetensors", "training_state.json", "manifest.json",
@@ -100,7 +101,8 @@ def test_fsdp_resumed_from_its_checkpoint_continues_exactly(assets, fsdp, tmp_pa
 
 @pytest.mark.slow
 def test_fsdp_resumes_a_one_process_checkpoint(assets, fsdp, reference, tmp_path):
-    """A checkpoint written without FSDP (optimizer state numbered, not named) continues under FSDP on the same curve."""
+    """A checkpoint written without FSDP (optimizer state numbered, not named) continues under FSDP on the same
+    curve."""
     out = tmp_path / "from-one"
     shutil.copytree(reference / "checkpoints/step-3", out / "checkpoints/step-3")
     launch_fsdp(assets, out, "--resume")
@@ -119,7 +121,9 @@ def _launch_env(config: Path) -> tuple[object, dict]:
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
-    args = launch_command_parser().parse_args(["--config_file", str(config), "--main_process_port", str(_free_port()), "-m", "training.train"])
+    args = launch_command_parser().parse_args(
+        ["--config_file", str(config), "--main_process_port", str(_free_port()), "-m", "training.train"]
+    )
     args, defaults, mixed_precision_from_config = _validate_launch_command(args)
     if args.use_deepspeed:  # as accelerate's launch_command sets it up before deepspeed_launcher
         fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mixed_precision_from_config else [])
@@ -140,7 +144,8 @@ def test_fsdp_configs_parse_through_accelerate_and_shard_alike():
         with mock.patch.dict(os.environ, env, clear=True):
             plugin = FullyShardedDataParallelPlugin()  # what each process builds from the launcher's FSDP_* variables
         assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
-        assert plugin.transformer_cls_names_to_wrap == ["TransfusionDecoderLayer"] and not plugin.activation_checkpointing
+        assert plugin.transformer_cls_names_to_wrap == ["TransfusionDecoderLayer"]
+        assert not plugin.activation_checkpointing
         launches[config] = (args.nproc_per_node, env["ACCELERATE_MIXED_PRECISION"], args.use_cpu)
     assert launches[GPU_CONFIG] == ("8", "bf16", False)
     assert launches[CPU_CONFIG] == ("2", "no", True)
@@ -169,7 +174,8 @@ def test_deepspeed_config_parses_through_accelerate():
         plugin.set_mixed_precision(env["ACCELERATE_MIXED_PRECISION"])
     ds = plugin.deepspeed_config
     assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 1.0
-    assert ds["zero_optimization"]["offload_optimizer"]["device"] == ds["zero_optimization"]["offload_param"]["device"] == "none"
+    zero = ds["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "none"
     assert ds["bf16"] == {"enabled": True} and ds["gradient_accumulation_steps"] == "auto"  # the script sets it
 
 
@@ -185,7 +191,8 @@ def test_training_refuses_deepspeed_with_its_reason(assets, tmp_path, monkeypatc
 
         @property
         def distributed_type(self):
-            return DistributedType.DEEPSPEED if getattr(self, "reports_deepspeed", False) else self.state.distributed_type
+            return (DistributedType.DEEPSPEED if getattr(self, "reports_deepspeed", False)
+                    else self.state.distributed_type)
 
     monkeypatch.setattr(accelerate, "Accelerator", DeepSpeedAccelerator)
     out = tmp_path / "deepspeed"
@@ -202,6 +209,7 @@ def test_a_launch_accelerate_did_not_set_up_is_refused(assets, tmp_path, monkeyp
     would train alone into the same folder."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
-    with pytest.raises(SystemExit, match=r"one of 2 launched .*accelerate set up 1: .*ACCELERATE_USE_CPU=true or pass --cpu"):
+    with pytest.raises(SystemExit,
+                       match=r"one of 2 launched .*accelerate set up 1: .*ACCELERATE_USE_CPU=true or pass --cpu"):
         train_script.main(flags(assets, tmp_path / "alone"))
     assert not (tmp_path / "alone").exists()

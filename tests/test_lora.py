@@ -148,7 +148,8 @@ def test_pipeline_lora_on_a_loaded_checkpoint_keeps_saving_plain_keys(tokenizer,
 
     with safe_open(str(tmp_path / "again" / "transformer" / "model.safetensors"), framework="pt") as f:
         assert not [k for k in f.keys() if k.startswith("base_model.")]  # plain keys, not the adapter's prefix
-    assert_same(run(TransfusionPipeline.from_pretrained(tmp_path / "again").transformer), expected, atol=2e-5, rtol=1e-5)
+    reloaded = TransfusionPipeline.from_pretrained(tmp_path / "again")
+    assert_same(run(reloaded.transformer), expected, atol=2e-5, rtol=1e-5)
 
 
 
@@ -162,7 +163,8 @@ def test_unknown_target_module_is_a_clear_error():
 def test_adapter_for_another_base_model_is_a_clear_error(tokenizer, adapter_dir):
     folder, _ = adapter_dir
     pipe = make_pipe(tokenizer, tiny_model(0, hidden_size=64, intermediate_size=96))
-    with pytest.raises(ValueError, match=r"does not fit this model.*gate_proj: adapter lora_A \[4, 32\] needs input size 32, the layer has 64"):
+    with pytest.raises(ValueError, match=r"does not fit this model.*gate_proj: "
+                       r"adapter lora_A \[4, 32\] needs input size 32, the layer has 64"):
         pipe.load_lora_weights(folder)
     assert not getattr(pipe.transformer, "_hf_peft_config_loaded", False)  # nothing half-loaded
     deeper = make_pipe(tokenizer, tiny_model(0, num_hidden_layers=1))
@@ -190,7 +192,8 @@ def test_finetune_script_writes_a_loadable_adapter(tokenizer, tmp_path, capsys):
     out = tmp_path / "adapter"
     main(["--base", str(tmp_path / "base"), "--data", str(tmp_path / "data"), "--data", str(tmp_path / "extra.jsonl"),
           "--text", str(tmp_path / "notes.txt"), "--steps", "3", "--batch-size", "3", "--output", str(out),
-          "--threads", "1", "--log-every", "1", "--train-patch-modules", "--latent-cache", str(tmp_path / "cache")])  # fmt: skip
+          "--threads", "1", "--log-every", "1", "--train-patch-modules",
+          "--latent-cache", str(tmp_path / "cache")])  # fmt: skip
     printed = capsys.readouterr().out
     assert f"wrote the LoRA adapter to {out / 'final'}" in printed
     assert (out / "final" / "adapter_model.safetensors").exists() and (out / "final" / "adapter_config.json").exists()
@@ -221,7 +224,8 @@ def test_finetune_help_and_data_errors(tokenizer, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"image": "missing.png", "text": "x"}\n')
     base = ["--base", str(tmp_path / "base"), "--steps", "1", "--latent-cache", str(tmp_path / "cache")]
     for data, message in ((tmp_path / "d", r"the images \['1.png'\] have no caption file beside them"),
-                          (tmp_path / "bad.jsonl", r"bad.jsonl row 0: the image .*missing.png cannot be read")):  # fmt: skip
+                          (tmp_path / "bad.jsonl",
+                           r"bad.jsonl row 0: the image .*missing.png cannot be read")):  # fmt: skip
         with pytest.raises(SystemExit, match=message):
             main([*base, "--data", str(data), "--output", str(tmp_path / "out")])
 
@@ -264,16 +268,19 @@ def test_load_lora_weights_through_remote_code_in_a_fresh_process(tokenizer, ada
         ref = torch.load({str(tmp_path / "expected.pt")!r})
         pipe.load_lora_weights({str(folder)!r})
         with torch.no_grad():
-            torch.testing.assert_close(pipe.transformer(input_ids=ref["ids"]).logits, ref["logits"], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(pipe.transformer(input_ids=ref["ids"]).logits, ref["logits"],
+                                       atol=1e-5, rtol=1e-5)
             pipe.fuse_lora()
             pipe.unload_lora_weights()
-            torch.testing.assert_close(pipe.transformer(input_ids=ref["ids"]).logits, ref["logits"], atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(pipe.transformer(input_ids=ref["ids"]).logits, ref["logits"],
+                                       atol=2e-5, rtol=1e-5)
         pipe.save_pretrained({str(tmp_path / "fused")!r})
         assert not any(k.startswith("base_model") for k in pipe.transformer.state_dict())
         print("ok")
     """)
+    env = outside_repo_env(tmp_path, {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")})
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env=outside_repo_env(tmp_path, {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")}))  # fmt: skip
+                            env=env)  # fmt: skip
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
     reloaded = TransfusionPipeline.from_pretrained(tmp_path / "fused")
     with torch.no_grad():

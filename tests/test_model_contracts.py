@@ -13,7 +13,8 @@ IMG = 5  # image_token_id of the tiny config
 
 
 def image_row(config, text=(10, 11), tail=(12, 13)):
-    return torch.tensor([[config.bos_token_id, *text, config.boi_token_id] + [IMG] * config.image_slots + [config.eoi_token_id, *tail]])
+    return torch.tensor([[config.bos_token_id, *text, config.boi_token_id] + [IMG] * config.image_slots
+                         + [config.eoi_token_id, *tail]])
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,8 @@ def test_lm_loss_is_transformers_loss_function_with_shift_labels_and_num_items(m
     n = int((targets != -100).sum())
     summed = model(input_ids=ids, image_latents=latents, labels=ids, num_items_in_batch=2 * n).loss
     torch.testing.assert_close(summed, expected / 2)  # sum / num_items_in_batch
-    with pytest.raises(ValueError, match=r"labels must be an integer tensor of the shape of input_ids \(1, 23\), got torch.int64 \(1, 5\)"):
+    with pytest.raises(ValueError, match=r"labels must be an integer tensor of the shape of input_ids \(1, 23\), "
+                       r"got torch.int64 \(1, 5\)"):
         model(input_ids=ids, image_latents=latents, labels=ids[:, :5])
 
 
@@ -121,7 +123,8 @@ def test_dynamic_ntk_rope_rescales_beyond_the_trained_length():
         torch.manual_seed(0)
         return TransfusionForCausalLM(TransfusionConfig.from_preset("tiny", **overrides)).eval()
 
-    dynamic = build(max_position_embeddings=16, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    dynamic = build(max_position_embeddings=16,
+                    rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     plain = build(max_position_embeddings=64)  # the same weights and, within 16 positions, the same frequencies
     short, long = torch.randint(6, 300, (1, 12)), torch.randint(6, 300, (1, 40))
     torch.testing.assert_close(dynamic(input_ids=short).logits, plain(input_ids=short).logits)  # within: unchanged

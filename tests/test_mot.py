@@ -65,7 +65,8 @@ def test_mot_with_copied_experts_equals_the_dense_model():
     mot.load_state_dict(dense.state_dict(), strict=False)
     copy_text_into_image_experts(mot)
     ids, latents, t = mixed_ids(dense.config, images=2), torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0])
-    a, b = dense(input_ids=ids, image_latents=latents, image_timesteps=t), mot(input_ids=ids, image_latents=latents, image_timesteps=t)
+    a = dense(input_ids=ids, image_latents=latents, image_timesteps=t)
+    b = mot(input_ids=ids, image_latents=latents, image_timesteps=t)
     torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b.image_predictions, a.image_predictions, atol=1e-5, rtol=1e-5)
 
@@ -82,7 +83,8 @@ def test_routing_image_experts_act_on_image_slots_only():
     after, after_text = model(input_ids=ids, image_latents=latents), model(input_ids=text_only).logits
     first_slot = 4
     torch.testing.assert_close(after_text, base_text, rtol=0, atol=0)  # text-only: the image experts are not run
-    torch.testing.assert_close(after.logits[0, :first_slot], base.logits[0, :first_slot], rtol=0, atol=0)  # before the image
+    # the positions before the image are unchanged
+    torch.testing.assert_close(after.logits[0, :first_slot], base.logits[0, :first_slot], rtol=0, atol=0)
     assert not torch.allclose(after.image_predictions, base.image_predictions)
     assert not torch.allclose(after.logits[0, -1], base.logits[0, -1])  # text after the image attends to it
 
@@ -91,8 +93,12 @@ def test_each_position_runs_through_one_expert_only():
     model = mot_model()
     rows = {"text": 0, "image": 0}
     layer = model.model.layers[0]
-    layer.mlp.register_forward_hook(lambda m, args, out: rows.__setitem__("text", rows["text"] + args[0].shape[:-1].numel()))
-    layer.image_mlp.register_forward_hook(lambda m, args, out: rows.__setitem__("image", rows["image"] + args[0].shape[:-1].numel()))
+    layer.mlp.register_forward_hook(
+        lambda m, args, out: rows.__setitem__("text", rows["text"] + args[0].shape[:-1].numel())
+    )
+    layer.image_mlp.register_forward_hook(
+        lambda m, args, out: rows.__setitem__("image", rows["image"] + args[0].shape[:-1].numel())
+    )
     ids = mixed_ids(model.config)
     model(input_ids=ids, image_latents=torch.randn(1, 4, 8, 8))
     n_slots = model.config.image_slots
@@ -119,7 +125,8 @@ def test_mot_cached_image_block_equals_full_forward():
     prefix = 4
     cache = DynamicCache(config=model.config)
     model(input_ids=ids[:, :prefix], past_key_values=cache, use_cache=True)
-    step = model(input_ids=ids[:, prefix:], image_latents=latents, image_timesteps=t, past_key_values=cache, use_cache=True)
+    step = model(input_ids=ids[:, prefix:], image_latents=latents, image_timesteps=t, past_key_values=cache,
+                 use_cache=True)
     torch.testing.assert_close(step.image_predictions, full.image_predictions, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(step.logits, full.logits[:, prefix:], atol=1e-5, rtol=1e-5)
 
@@ -140,11 +147,14 @@ def test_mot_pipeline_prefix_cache_equals_uncached_sampling(tokenizer, guidance)
     from test_pipeline import uncached_sampling
 
     model = mot_model()
-    pipe = TransfusionPipeline(transformer=model, scheduler=DDIMScheduler.from_config(model.config.scheduler_config()), tokenizer=tokenizer)
+    scheduler = DDIMScheduler.from_config(model.config.scheduler_config())
+    pipe = TransfusionPipeline(transformer=model, scheduler=scheduler, tokenizer=tokenizer)
     pipe.set_progress_bar_config(disable=True)
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    cached = pipe("a red circle", num_inference_steps=3, guidance_scale=guidance, latents=noise.clone(), output_type="latent")
-    torch.testing.assert_close(cached.images, uncached_sampling(pipe, "a red circle", noise, 3, guidance), atol=1e-5, rtol=1e-5)
+    cached = pipe("a red circle", num_inference_steps=3, guidance_scale=guidance, latents=noise.clone(),
+                  output_type="latent")
+    uncached = uncached_sampling(pipe, "a red circle", noise, 3, guidance)
+    torch.testing.assert_close(cached.images, uncached, atol=1e-5, rtol=1e-5)
 
 
 def test_mot_save_load_native_and_remote_code(tmp_path):
@@ -155,7 +165,8 @@ def test_mot_save_load_native_and_remote_code(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
-    torch.testing.assert_close(loaded(input_ids=ids, image_latents=latents, image_timesteps=t).image_predictions, ref.image_predictions, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loaded(input_ids=ids, image_latents=latents, image_timesteps=t).image_predictions,
+                               ref.image_predictions, atol=1e-5, rtol=1e-5)
     torch.save({"ids": ids, "latents": latents, "t": t, "images": ref.image_predictions}, tmp_path / "ref.pt")
     script = textwrap.dedent(
         f"""
@@ -170,15 +181,17 @@ def test_mot_save_load_native_and_remote_code(tmp_path):
         print("REMOTE-OK")
         """
     )
-    env = outside_repo_env(tmp_path, {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"})
+    env = outside_repo_env(tmp_path, {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path),
+                                      "OMP_NUM_THREADS": "1"})
     res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert "REMOTE-OK" in res.stdout, res.stderr[-3000:]
 
 
 @pytest.mark.parametrize(
     "targets, text, image",
-    [(["self_attn.q_proj", "mlp.down_proj"], True, False), (["image_self_attn.q_proj", "image_mlp.down_proj"], False, True),
-     (["q_proj", "down_proj"], True, True)],  # fmt: skip
+    [(["self_attn.q_proj", "mlp.down_proj"], True, False),
+     (["image_self_attn.q_proj", "image_mlp.down_proj"], False, True),
+     (["q_proj", "down_proj"], True, True)],
 )
 def test_lora_targets_text_image_or_both_experts(targets, text, image):
     from peft import LoraConfig, get_peft_model
@@ -201,7 +214,8 @@ def test_mot_gradient_checkpointing_matches(processor):
 
     def grads():
         model.zero_grad()
-        out = objective(model, input_ids=ids, labels=ids, image_latents=latents, generator=torch.Generator().manual_seed(1))
+        out = objective(model, input_ids=ids, labels=ids, image_latents=latents,
+                        generator=torch.Generator().manual_seed(1))
         out.loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -85,7 +85,8 @@ def noised(config, t):
 def ddim_to_the_end(config, prediction_type, model_output, t, sample):
     """One deterministic DDIM step from timestep t straight to the clean end (ᾱ = 1), with the training scheduler's
     configuration and the given prediction type."""
-    scheduler = DDIMScheduler.from_config(config.scheduler_config(), prediction_type=prediction_type, set_alpha_to_one=True)
+    scheduler = DDIMScheduler.from_config(config.scheduler_config(), prediction_type=prediction_type,
+                                          set_alpha_to_one=True)
     scheduler.set_timesteps(1)  # the step from t lands below 0: the final ᾱ = 1
     return scheduler.step(model_output, t, sample, eta=0.0).prev_sample
 
@@ -138,7 +139,8 @@ def test_caption_dropout_hides_caption_and_row_loss(processor):
     model = TransfusionForCausalLM(tiny_config(caption_drop_prob=0.5)).train()
     objective = TransfusionDiffusionObjective(model.config)
     c = model.config
-    ids = torch.tensor([[c.bos_token_id, 10, 11, 12, c.boi_token_id, *[c.image_token_id] * c.image_slots, c.eoi_token_id, 1]])
+    ids = torch.tensor([[c.bos_token_id, 10, 11, 12, c.boi_token_id, *[c.image_token_id] * c.image_slots,
+                         c.eoi_token_id, 1]])
     labels, mask = ids.clone(), torch.ones_like(ids)
     blocks = image_block_ids(ids, c.image_token_id)
     g = torch.Generator().manual_seed(0)
@@ -155,7 +157,9 @@ def test_caption_dropout_hides_caption_and_row_loss(processor):
     # an image-first row has no caption before its image: never dropped
     first = torch.tensor([[c.bos_token_id, c.boi_token_id, *[c.image_token_id] * c.image_slots, c.eoi_token_id, 10, 1]])
     for _ in range(20):
-        assert objective.drop_captions(first, torch.ones_like(first), first, image_block_ids(first, c.image_token_id), g)[0].all()
+        mask = objective.drop_captions(first, torch.ones_like(first), first, image_block_ids(first, c.image_token_id),
+                                       g)[0]
+        assert mask.all()
     # dropout follows model.training unless told: almost surely at 0.999, and a dropped row has no LM loss left
     model = TransfusionForCausalLM(tiny_config(caption_drop_prob=0.999))
     objective = TransfusionDiffusionObjective(model.config)
@@ -170,7 +174,8 @@ def test_a_generator_makes_the_draws_reproducible_and_leaves_the_global_rng_alon
     model = tiny_model()
     model.train()
     objective = TransfusionDiffusionObjective(model.config)
-    batch = encoded(processor, model, [[random_images(1)[0], "two green triangles"], ["a photo of a dress", torch.zeros(3, 32, 32)]])
+    batch = encoded(processor, model,
+                    [[random_images(1)[0], "two green triangles"], ["a photo of a dress", torch.zeros(3, 32, 32)]])
 
     def run(seed):
         with torch.no_grad():
@@ -179,7 +184,8 @@ def test_a_generator_makes_the_draws_reproducible_and_leaves_the_global_rng_alon
     state = torch.get_rng_state()
     a, b, other = run(1), run(1), run(2)
     assert torch.equal(torch.get_rng_state(), state)
-    assert torch.equal(a.image_timesteps, b.image_timesteps) and not torch.equal(a.image_timesteps, other.image_timesteps)
+    assert torch.equal(a.image_timesteps, b.image_timesteps)
+    assert not torch.equal(a.image_timesteps, other.image_timesteps)
     torch.testing.assert_close(a.loss, b.loss)
     assert abs(float(a.diffusion_loss - other.diffusion_loss)) > 1e-4
     # without a generator the global RNG is used, so seeding it reproduces the draws (the training script's way)
@@ -213,7 +219,8 @@ def test_overfitting_one_mixed_batch_lowers_text_and_image_loss(processor):
     model = TransfusionForCausalLM(tiny_config(caption_drop_prob=0.0)).train()
     objective = TransfusionDiffusionObjective(model.config)
     images = random_images(2)
-    batch = encoded(processor, model, [["a photo of a dress", images[0]], [images[1], "two green triangles"], ["The quick brown fox."]])
+    batch = encoded(processor, model,
+                    [["a photo of a dress", images[0]], [images[1], "two green triangles"], ["The quick brown fox."]])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
 
     def losses(seed):  # the same timesteps and noise before and after
@@ -237,7 +244,8 @@ def test_gradient_checkpointing_matches(processor):
     torch.manual_seed(0)
     model = TransfusionForCausalLM(tiny_config(caption_drop_prob=0.5)).train()
     objective = TransfusionDiffusionObjective(model.config)
-    batch = encoded(processor, model, [["a photo of a dress", torch.zeros(3, 32, 32)], [random_images(1)[0], "a red circle"]])
+    batch = encoded(processor, model,
+                    [["a photo of a dress", torch.zeros(3, 32, 32)], [random_images(1)[0], "a red circle"]])
 
     def grads():
         model.zero_grad()

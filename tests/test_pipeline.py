@@ -96,7 +96,8 @@ def uncached_sampling(pipe, prompt, noise, steps, guidance, scheduler=None, gene
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
 def test_cached_denoising_equals_uncached(pipe, guidance):
     noise = torch.randn(1, 4, 8, 8, generator=gen(1))
-    cached = pipe("two green triangles", num_inference_steps=4, guidance_scale=guidance, latents=noise, output_type="latent")
+    cached = pipe("two green triangles", num_inference_steps=4, guidance_scale=guidance, latents=noise,
+                  output_type="latent")
     reference = uncached_sampling(pipe, "two green triangles", noise, 4, guidance)
     torch.testing.assert_close(cached.images, reference, atol=1e-5, rtol=1e-5)
 
@@ -232,7 +233,8 @@ def test_captioning_matches_generate_with_images(pipe, processor):
     assert len(captions) == 2 and all(isinstance(s, str) for s in captions)
     inputs = processor([images[0]])
     out = pipe.transformer.generate(**inputs, max_new_tokens=5, do_sample=False, bad_words_ids=[[3], [5]])
-    assert pipe.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip() == captions[0]
+    caption = pipe.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert caption.strip() == captions[0]
 
 
 class ScriptedHead(torch.nn.Module):
@@ -295,7 +297,8 @@ def test_save_load_remote_code_in_fresh_process(tmp_path, pipe):
         pipe = DiffusionPipeline.from_pretrained(root, trust_remote_code=True)
         pipe.set_progress_bar_config(disable=True)
         assert pipe.vae is pipe.transformer.model.vae
-        out = pipe("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="latent")
+        out = pipe("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                   output_type="latent")
         torch.testing.assert_close(out.images, torch.load({str(tmp_path / "expected.pt")!r}), atol=1e-6, rtol=0)
         model = AutoModelForCausalLM.from_pretrained(root + "/transformer", trust_remote_code=True)
         processor = AutoProcessor.from_pretrained(root + "/transformer", trust_remote_code=True)
@@ -340,7 +343,8 @@ def test_caption_bad_inputs_are_clear_errors(pipe):
 def test_negative_prompt_string_equals_one_per_prompt(pipe):
     kwargs = dict(num_inference_steps=2, num_images_per_prompt=2, output_type="latent")
     one = pipe(["a", "b"], negative_prompt="blurry", generator=[gen(i) for i in range(4)], **kwargs).images
-    listed = pipe(["a", "b"], negative_prompt=["blurry", "blurry"], generator=[gen(i) for i in range(4)], **kwargs).images
+    listed = pipe(["a", "b"], negative_prompt=["blurry", "blurry"], generator=[gen(i) for i in range(4)],
+                  **kwargs).images
     assert torch.equal(one, listed)
     with pytest.raises(ValueError, match="negative_prompt must be a string or a list of 2 strings"):
         pipe(["a", "b"], negative_prompt=["x", "y", "z"])
@@ -370,8 +374,8 @@ def test_callback_cfg_cutoff_changes_the_result_and_sees_num_timesteps(pipe):
             p._guidance_scale = 1.0
         return kwargs
 
-    torch.testing.assert_close(pipe("a red circle", generator=gen(0), callback_on_step_end=to_one, **kwargs).images, cut,
-                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    dropped_to_one = pipe("a red circle", generator=gen(0), callback_on_step_end=to_one, **kwargs).images
+    torch.testing.assert_close(dropped_to_one, cut, atol=1e-5, rtol=1e-5)
 
 
 def test_heun_counts_its_model_evaluations_in_num_timesteps(pipe):
@@ -413,8 +417,8 @@ def test_variant_and_per_component_dtype_load_through_diffusers(tmp_path, pipe):
     loaded = TransfusionPipeline.from_pretrained(tmp_path, variant="fp16")
     for (name, a), b in zip(pipe.transformer.state_dict().items(), loaded.transformer.state_dict().values()):
         assert torch.equal(a, b), name  # weights bit-exact
-    mixed = TransfusionPipeline.from_pretrained(tmp_path, variant="fp16",
-                                                torch_dtype={"transformer": torch.bfloat16, "default": torch.float32})  # fmt: skip
+    dtypes = {"transformer": torch.bfloat16, "default": torch.float32}
+    mixed = TransfusionPipeline.from_pretrained(tmp_path, variant="fp16", torch_dtype=dtypes)
     assert mixed.transformer.dtype == torch.bfloat16 and mixed.vae.dtype == torch.bfloat16
     mixed.set_progress_bar_config(disable=True)
     images = mixed("a red circle", num_inference_steps=2, output_type="np").images

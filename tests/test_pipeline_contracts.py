@@ -145,7 +145,8 @@ def test_dtype_alias_and_dtype_dict(tmp_path, pipe):
     """diffusers' newer `dtype=` (alias of `torch_dtype=`), also as a per-component dict with a default."""
     pipe.save_pretrained(tmp_path)
     assert TransfusionPipeline.from_pretrained(tmp_path, dtype=torch.float16).transformer.dtype == torch.float16
-    mixed = TransfusionPipeline.from_pretrained(tmp_path, dtype={"transformer": torch.bfloat16, "default": torch.float16})
+    dtypes = {"transformer": torch.bfloat16, "default": torch.float16}
+    mixed = TransfusionPipeline.from_pretrained(tmp_path, dtype=dtypes)
     assert mixed.transformer.dtype == torch.bfloat16 and mixed.vae.dtype == torch.bfloat16
 
 

@@ -11,9 +11,8 @@ from modeling_transfusion.processing_transfusion import prepare_image
 
 
 def test_tokenizer_special_ids_and_round_trip(tokenizer):
-    assert tokenizer.convert_tokens_to_ids(["<|bos|>", "<|eos|>", "<|pad|>", "<|boi|>", "<|eoi|>", "<|image|>"]) == list(
-        range(6)
-    )
+    special = ["<|bos|>", "<|eos|>", "<|pad|>", "<|boi|>", "<|eoi|>", "<|image|>"]
+    assert tokenizer.convert_tokens_to_ids(special) == list(range(6))
     text = "A naïve café — 42 ✓ unseen-wörds"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text
@@ -137,7 +136,8 @@ def test_transparency_and_padding_use_the_background(processor):
     image, steps = prepare_image(clear, 32)
     assert steps == ["transparency on black", "padded to a square"]
     assert np.asarray(image).max() == 0  # black, not white
-    white = TransfusionProcessor(tokenizer=processor.tokenizer, image_size=32, image_slots=16, background=(255, 255, 255))
+    white = TransfusionProcessor(tokenizer=processor.tokenizer, image_size=32, image_slots=16,
+                                 background=(255, 255, 255))
     assert white([clear])["pixel_values"].min() == 1.0
 
 

@@ -22,7 +22,8 @@ def test_optimizer_state_round_trips_and_training_continues_identically(tmp_path
         opt.step()
 
     step(model, optimizer)
-    save_state(tmp_path / "state.safetensors", {"model": model.state_dict()}, {"opt": optimizer.state_dict()}, {"step": 1})
+    save_state(tmp_path / "state.safetensors", {"model": model.state_dict()}, {"opt": optimizer.state_dict()},
+               {"step": 1})
     step(model, optimizer)
 
     restored = torch.nn.Linear(4, 3)
@@ -47,8 +48,9 @@ def test_vae_training_resumes_from_safe_state_and_never_reads_a_pickle(tmp_path,
     from training import train_vae
 
     monkeypatch.setattr(train_vae, "reconstruction_mse", lambda vae, images: 0.0)  # the report is not under test
-    flags = ["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "vae"), "--batch-size", "4", "--n-shapes", "64",
-             "--n-scale", "8", "--n-eval", "4", "--warmup-steps", "2", "--threads", "1"]  # fmt: skip
+    flags = ["--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "vae"), "--batch-size", "4",
+             "--n-shapes", "64", "--n-scale", "8", "--n-eval", "4", "--warmup-steps", "2",
+             "--threads", "1"]  # fmt: skip
     train_vae.main([*flags, "--steps", "2"])
     assert (tmp_path / "run" / "state.safetensors").exists() and not (tmp_path / "run" / "state.pt").exists()
     report = train_vae.main([*flags, "--steps", "3", "--resume"])
@@ -129,4 +131,5 @@ def test_no_code_in_the_repository_can_load_a_pickle():
     )
     assert _unsafe_loads(ast.parse(accelerate_loads)) == [1, 2, 4, 6, 7, 8]
     # this repository's own safe reader is not one of them
-    assert _unsafe_loads(ast.parse("from training.safe_state import load_state\nload_state(p)\nsafe_state.load_state(p)")) == []
+    source = "from training.safe_state import load_state\nload_state(p)\nsafe_state.load_state(p)"
+    assert _unsafe_loads(ast.parse(source)) == []

@@ -32,7 +32,8 @@ FAMILIES = {  # name → (class, config overrides of the checkpoint's scheduler 
     "dpm++-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, 25),
     # the singlestep solver ignores timestep_spacing and starts at t = 999, where the cosine schedule holds no
     # signal; diffusers' lambda_min_clipped is the documented remedy for this schedule
-    "dpm-singlestep": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "lambda_min_clipped": -5.1}, 20),
+    "dpm-singlestep": ("DPMSolverSinglestepScheduler",
+                       {"algorithm_type": "dpmsolver++", "lambda_min_clipped": -5.1}, 20),
     "dpm-sde": ("DPMSolverSDEScheduler", {}, 20),
 }
 MIN_ACCURACY = 0.7  # of 10 images; the default measures 0.97 (30 images), the weakest family 0.90
@@ -61,7 +62,8 @@ def test_every_scheduler_family_draws_the_prompted_class(pipe, classifier, famil
     try:
         prompts = [f"a photo of a {name}" for name in FASHION_CLASSES]
         generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-        images = pipe(prompts, num_inference_steps=steps, guidance_scale=3.0, generator=generators, output_type="pt").images
+        images = pipe(prompts, num_inference_steps=steps, guidance_scale=3.0, generator=generators,
+                      output_type="pt").images
     finally:
         pipe.scheduler = saved
     accuracy = float((classifier.predict(images * 2 - 1) == torch.arange(len(prompts))).float().mean())

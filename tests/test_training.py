@@ -23,7 +23,12 @@ from conftest import ROOT, TOKENIZER_TEXT, tiny_config
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
-from modeling_transfusion import TransfusionDiffusionObjective, TransfusionForCausalLM, TransfusionProcessor, build_tokenizer
+from modeling_transfusion import (
+    TransfusionDiffusionObjective,
+    TransfusionForCausalLM,
+    TransfusionProcessor,
+    build_tokenizer,
+)
 from training import train as train_script
 from training.collate import MicroBatchSampler, MixtureDataset, TransfusionCollator, parse_mix
 
@@ -37,8 +42,9 @@ def assets(tmp_path_factory):
     build_tokenizer(TOKENIZER_TEXT, vocab_size=300).save_pretrained(root / "tokenizer")
     torch.manual_seed(0)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
-        block_out_channels=[8, 8, 8], layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
+        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 8, 8], layers_per_block=1, latent_channels=4,
+        norm_num_groups=4, sample_size=32,
     )  # fmt: skip
     vae.save_pretrained(root / "vae")
     return root
@@ -94,7 +100,8 @@ def test_init_from_starts_a_fresh_run_at_the_given_weights(assets, reference, tm
     for name, tensor in source.items():
         torch.testing.assert_close(started[name], tensor, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"--init-from .*do not fit the model these flags build .*size mismatch"):
-        train_script.main(flags(assets, tmp_path / "wider", "--init-from", str(reference / "final"), "--hidden-size", "64"))
+        train_script.main(flags(assets, tmp_path / "wider", "--init-from", str(reference / "final"),
+                                "--hidden-size", "64"))
 
 
 def test_resume_continues_the_same_loss_curve_exactly(assets, reference, tmp_path):
@@ -121,7 +128,8 @@ def test_resume_with_a_longer_schedule_uses_it_from_the_first_step(assets, refer
 
 def test_time_budget_fits_the_schedule_and_stops_cleanly(assets, tmp_path):
     out = tmp_path / "timed"
-    train_script.main(flags(assets, out, "--max-steps", "0", "--minutes", "0.05", "--calibrate-steps", "3", "--save-every", "0"))
+    train_script.main(flags(assets, out, "--max-steps", "0", "--minutes", "0.05", "--calibrate-steps", "3",
+                            "--save-every", "0"))
     log = log_of(out)
     assert len(log) > 4 and [r["step"] for r in log] == list(range(1, len(log) + 1))
     assert log[-1]["lr"] < 0.2 * max(r["lr"] for r in log)  # the fitted cosine has decayed
@@ -358,7 +366,8 @@ def test_help_and_config_file_errors(tmp_path, capsys):
     args = train_script.parse_args(["--config", str(good), "--lr", "0.02"])
     assert (args.batch_size, args.lr) == (4, 0.02)
     assert args.image_first_prob == {"fashion": 0.2, "shapes": 0.2}
-    for flag, value, message in (("--mix", "fashion=lots", "name=weight pairs"), ("--mix", "mnist=1", "unknown mixture"),
+    for flag, value, message in (("--mix", "fashion=lots", "name=weight pairs"),
+                                 ("--mix", "mnist=1", "unknown mixture"),
                                  ("--image-first-prob", "fashion=2", r"probabilities in \[0, 1\]")):
         with pytest.raises(SystemExit):
             train_script.parse_args([flag, value])

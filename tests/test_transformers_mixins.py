@@ -86,7 +86,9 @@ def _import_transformers_tests():
             "(needs PyPI) or set TRANSFORMERS_TESTS_DIR to a checkout's tests/ folder",
             allow_module_level=True,
         )
-    pytest.importorskip("parameterized", reason="transformers' tester mixins import parameterized (requirements-dev.txt)")
+    pytest.importorskip(
+        "parameterized", reason="transformers' tester mixins import parameterized (requirements-dev.txt)"
+    )
     if PACKAGE not in sys.modules:
         package = types.ModuleType(PACKAGE)
         package.__path__ = [str(tests_dir)]
@@ -171,7 +173,9 @@ class TransfusionModelTester:
         inputs = {}
         if self.with_images:
             c = config
-            image = torch.tensor([c.bos_token_id, c.boi_token_id] + [c.image_token_id] * c.image_slots + [c.eoi_token_id])
+            image = torch.tensor(
+                [c.bos_token_id, c.boi_token_id] + [c.image_token_id] * c.image_slots + [c.eoi_token_id]
+            )
             input_ids = torch.cat([image.expand(self.batch_size, -1), text], dim=1)
             inputs["image_latents"] = torch.randn(self.batch_size, c.latent_channels, c.latent_size, c.latent_size)
         else:
@@ -203,7 +207,10 @@ class _TransfusionMixinCase:
         # static auto mappings, where an in-tree model is listed; `AutoModel.register` (our __init__) fills other
         # tables. List ours there for the duration of the class, as AutoModel / AutoModelForCausalLM have them.
         super().setUpClass()
-        for names, class_name in ((MODEL_MAPPING_NAMES, "TransfusionModel"), (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "TransfusionForCausalLM")):
+        for names, class_name in (
+            (MODEL_MAPPING_NAMES, "TransfusionModel"),
+            (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "TransfusionForCausalLM"),
+        ):
             patcher = mock.patch.dict(names, {TransfusionConfig.model_type: class_name})
             patcher.start()
             cls.addClassCleanup(patcher.stop)
@@ -212,7 +219,9 @@ class _TransfusionMixinCase:
         # slot, and slots without their latents are refused with a clear error.
         draw = _common.ids_tensor
         patcher = mock.patch.object(
-            _common, "ids_tensor", lambda shape, vocab_size, **kw: draw(shape, vocab_size - FIRST_TEXT_ID, **kw) + FIRST_TEXT_ID
+            _common,
+            "ids_tensor",
+            lambda shape, vocab_size, **kw: draw(shape, vocab_size - FIRST_TEXT_ID, **kw) + FIRST_TEXT_ID,
         )
         patcher.start()
         cls.addClassCleanup(patcher.stop)
@@ -225,7 +234,9 @@ class _TransfusionMixinCase:
         if not HAS_GENERATION_MIXIN or self.with_images:
             # The real GenerationTesterMixin is only in transformers' repository (not its sdist), and it slices
             # input_ids without the images' latents, so it runs on the text case only, from a checkout.
-            self.skipTest("GenerationTesterMixin runs on text rows from a transformers checkout (TRANSFORMERS_TESTS_DIR)")
+            self.skipTest(
+                "GenerationTesterMixin runs on text rows from a transformers checkout (TRANSFORMERS_TESTS_DIR)"
+            )
         super().test_generation_tester_mixin_inheritance()
 
 

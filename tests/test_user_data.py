@@ -37,7 +37,8 @@ def image_folder(root, n=6, metadata="jsonl", sizes=((40, 24), (32, 32), (17, 50
     if metadata == "jsonl":
         (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
-        (root / "metadata.csv").write_text("file_name,text\n" + "".join(f"{r['file_name']},{r['text']}\n" for r in rows))
+        lines = "".join(f"{r['file_name']},{r['text']}\n" for r in rows)
+        (root / "metadata.csv").write_text("file_name,text\n" + lines)
     return root
 
 
@@ -129,7 +130,8 @@ def test_the_cache_tag_follows_the_files(tmp_path):
     "make, argv, message",
     [
         (lambda r: image_folder(r / "d"), ["--caption-column", "caption"],
-         r"d has no caption column 'caption' \(its columns: \['image', 'text'\]\); name the column .* --caption-column"),
+         r"d has no caption column 'caption' \(its columns: \['image', 'text'\]\); "
+         r"name the column .* --caption-column"),
         (lambda r: (image_folder(r / "d"), (r / "d" / "2.png").write_bytes(b"not a png")), [],
          r"d row 2: the image .*2.png cannot be read"),
         (lambda r: (r / "d.jsonl").write_text(""), [], r"d.jsonl (holds no rows|cannot be read as a dataset)"),
@@ -138,7 +140,8 @@ def test_the_cache_tag_follows_the_files(tmp_path):
         (lambda r: (r / "d.jsonl").write_text('{"text": 5}\n{"text": "b"}\n'), [],
          r"d.jsonl (row 0: column 'text' holds 5, not a non-empty string|cannot be read as a dataset)"),
         (lambda r: image_folder(r / "d"), ["--resolution", "64"], r"--resolution 64: this model takes 32×32 images"),
-        (lambda r: (r / "d.xlsx").write_text("x"), [], r"d.xlsx: a data file is one of \['.csv', '.json', '.jsonl', '.parquet', '.txt'\]"),
+        (lambda r: (r / "d.xlsx").write_text("x"), [],
+         r"d.xlsx: a data file is one of \['.csv', '.json', '.jsonl', '.parquet', '.txt'\]"),
     ],
 )
 def test_bad_data_is_named_by_file_or_row(tmp_path, make, argv, message):
@@ -163,12 +166,14 @@ def test_training_runs_on_an_image_folder_and_a_text_file(assets, tmp_path):  # 
     (tmp_path / "notes.txt").write_text("".join(f"note number {i} about squares\n" for i in range(10)))
     out = tmp_path / "run"
     train_script.main(flags(assets, out, "--dataset", f"mine={root}", "--dataset", str(tmp_path / "notes.txt"),
-                            "--mix", "mine=0.7,notes=0.3", "--max-steps", "2", "--save-every", "0", "--sample-every", "2"))  # fmt: skip
+                            "--mix", "mine=0.7,notes=0.3", "--max-steps", "2", "--save-every", "0",
+                            "--sample-every", "2"))  # fmt: skip
     log = log_of(out)
     assert (out / "loss.png").stat().st_size and (out / "samples" / "step-2.png").stat().st_size
     from training.monitor import sample_prompts
 
-    assert sample_prompts({"mine": [f"a red square {i}" for i in range(3)]}) == ("a red square 0", "a red square 1", "a red square 2")
+    prompts = sample_prompts({"mine": [f"a red square {i}" for i in range(3)]})
+    assert prompts == ("a red square 0", "a red square 1", "a red square 2")
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
     assert list((assets / "latents").glob("latents-mine-n8-u*.safetensors"))  # encoded once, keyed by content
     with pytest.raises(SystemExit):
