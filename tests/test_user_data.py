@@ -178,3 +178,67 @@ def test_training_runs_on_an_image_folder_and_a_text_file(assets, tmp_path):  # 
     assert list((assets / "latents").glob("latents-mine-n8-u*.safetensors"))  # encoded once, keyed by content
     with pytest.raises(SystemExit):
         train_script.main(flags(assets, tmp_path / "bad", "--mix", "mine=1"))  # a name no --dataset gives
+
+
+def interleaved_file(tmp_path, rows=None):
+    image_folder(tmp_path / "pictures", n=3)
+    rows = rows or [
+        [{"type": "text", "text": "a red square"}, {"type": "image", "image": "pictures/0.png"},
+         {"type": "text", "text": "then a blue one"}, {"type": "image", "image": "pictures/1.png"}],
+        [{"type": "image", "image": "pictures/2.png"}, {"type": "text", "text": "a green square"}],
+    ]  # fmt: skip
+    path = tmp_path / "story.jsonl"
+    path.write_text("".join(json.dumps({"content": row}) + "\n" for row in rows))
+    return path
+
+
+def test_interleaved_rows_keep_their_order_and_every_image(tmp_path, processor):
+    from training.collate import MixtureDataset, TransfusionCollator
+
+    source = build_sources(options("--dataset", str(interleaved_file(tmp_path))), ["story"])["story"]
+    assert source.modality == "interleaved" and len(source) == 2 and len(source.images) == 3
+    pixels = torch.cat(list(source.images.pixels(3)))
+    centre = ((pixels[:, :, 16, 16] + 1) * 127.5).round().tolist()
+    assert centre == [list(COLOURS["red"]), list(COLOURS["blue"]), list(COLOURS["green"])]  # in reading order
+    latents = torch.randn(3, 4, 8, 8)
+    rows = source.rows(latents)
+    assert rows[0][0] == "a red square" and rows[0][2] == "then a blue one" and rows[1][1] == "a green square"
+    placed = ((rows[0][1], latents[0]), (rows[0][3], latents[1]), (rows[1][0], latents[2]))
+    assert all(torch.equal(a, b) for a, b in placed)
+    stream = MixtureDataset({}, {}, {"story": 1.0}, seed=0, interleaved={"story": rows})
+    batch = TransfusionCollator(processor, split_text=False)([stream[i] for i in range(4)])
+    (part,) = batch["parts"]
+    for i, index in enumerate(batch["example_index"].tolist()):  # each row is the processor's layout of its items
+        row = stream[index]["items"]
+        want = processor([row], add_eos=True, images_as_latents=True)["input_ids"][0]
+        assert part["input_ids"][i, : len(want)].tolist() == want.tolist()
+    images = [[x for x in stream[i]["items"] if isinstance(x, torch.Tensor)] for i in range(4)]
+    expected = torch.cat([torch.stack(row) for row in images])
+    assert torch.equal(part["image_latents"], expected)  # every image of every row, in row-major order
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([[{"type": "video", "image": "x.mp4"}]], r"story.jsonl row 0: part 0 of 'content' is .*; each part is"),
+        ([[{"type": "image", "image": "pictures/missing.png"}]],
+         r"story.jsonl: image 0 \(.*missing.png\) cannot be read"),
+    ],
+)
+def test_bad_interleaved_rows_are_named(tmp_path, rows, message):
+    with pytest.raises(DataError, match=message):
+        source = build_sources(options("--dataset", str(interleaved_file(tmp_path, rows))), ["story"])["story"]
+        list(source.images.pixels(len(source.images)))
+
+
+def test_training_on_interleaved_rows(assets, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    path = interleaved_file(tmp_path)
+    train_script.main(flags(assets, out, "--dataset", str(path), "--mix", "story=0.8,text=0.2", "--max-steps", "2",
+                            "--save-every", "0"))  # fmt: skip
+    assert [r["step"] for r in log_of(out)] == [1, 2]
+    long = [[{"type": "text", "text": "word " * 300}, {"type": "image", "image": "pictures/0.png"}]]
+    (tmp_path / "long").mkdir()
+    with pytest.raises(SystemExit, match=r"long row 0 is \d+ tokens long with its images; the model has 256 positions"):
+        spec = f"long={interleaved_file(tmp_path / 'long', long)}"
+        train_script.main(flags(assets, tmp_path / "bad", "--dataset", spec, "--mix", "long=1", "--max-steps", "1"))

@@ -16,6 +16,8 @@ Rows (DESIGN §1, §5)
 - image→caption: ``<|bos|> <|boi|> <|image|>×n <|eoi|> caption <|eos|>``
 - text:          ``<|bos|> text <|eos|>``; a chunk longer than ``max_text_tokens`` is cut to a window of that length
   at an offset drawn with the example (only a window that reaches the end keeps the ``<|eos|>``).
+- interleaved:   ``<|bos|> text <|boi|> … <|eoi|> text <|boi|> … <|eoi|> … <|eos|>``, a user's row of text and images
+  in its own order (never cut: rows longer than the positions are refused when the data is read).
 
 Images travel as precomputed, scaled VAE latents (:func:`load_or_encode_latents`), so training never runs the VAE
 encoder; the processor lays out the tokens, pads and writes the labels (its latent path: ``images_as_latents=True``),
@@ -45,7 +47,7 @@ from torch.utils.data import Dataset, Sampler
 
 from training.datasets import DEFAULT_MIX, ImageCaptionSource, builtin_names
 
-KINDS = ("caption_image", "image_caption", "text")
+KINDS = ("caption_image", "image_caption", "text", "interleaved")
 
 
 def parse_named_numbers(text: str, flag: str, expected: str) -> dict[str, float]:
@@ -229,7 +231,8 @@ class MixtureDataset(Dataset):
     """An endless, index-addressable stream of training examples (see the module docstring).
 
     Each example is a dict: ``index`` (its position in the stream), ``kind`` (one of :data:`KINDS`), ``text`` (the
-    caption or text chunk), ``latent`` ((C, h, w) or None) and ``window`` (a uniform number in [0, 1) that places
+    caption or text chunk), ``latent`` ((C, h, w) or None), ``items`` (an interleaved row's strings and latents) and
+    ``window`` (a uniform number in [0, 1) that places
     the window of a long text chunk).
     """
 
@@ -242,13 +245,15 @@ class MixtureDataset(Dataset):
         mix: dict[str, float] | str | None = None,
         image_first_prob: float | dict[str, float] | str = 0.2,
         seed: int = 0,
+        interleaved: dict[str, list[list]] | None = None,
     ):
         texts = {"text": texts} if isinstance(texts, list) else dict(texts)
+        self.interleaved = dict(interleaved or {})  # name → rows, each a list of strings and (C, h, w) latents
         builtin = builtin_names()
-        names = builtin + [k for k in [*images, *texts] if k not in builtin]
+        names = builtin + [k for k in [*images, *texts, *self.interleaved] if k not in builtin]
         first = parse_image_first(image_first_prob, [k for k in names if k in images or k in builtin_names("image")])
         weights = parse_mix(DEFAULT_MIX if mix is None else mix, names)
-        sizes = {**{k: len(v) for k, v in images.items()}, **{k: len(v) for k, v in texts.items()}}
+        sizes = {k: len(v) for k, v in {**images, **texts, **self.interleaved}.items()}
         for name, weight in weights.items():
             if weight > 0 and not sizes.get(name):
                 raise ValueError(f"mixture weight {name}={weight:.3f} but the {name} source is empty or not loaded")
@@ -279,6 +284,9 @@ class MixtureDataset(Dataset):
         if name in self.texts:
             return {"index": index, "kind": "text", "text": self.texts[name][item], "latent": None,
                     "window": float(window)}
+        if name in self.interleaved:
+            return {"index": index, "kind": "interleaved", "items": self.interleaved[name][item], "text": None,
+                    "latent": None, "window": 0.0}  # fmt: skip
         src = self.images[name]
         kind = "image_caption" if image_first else "caption_image"
         return {"index": index, "kind": kind, "text": src.captions[item], "latent": src.latents[item], "window": 0.0}
@@ -317,6 +325,13 @@ class MicroBatchSampler(Sampler):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _latents(example: dict) -> list[torch.Tensor]:
+    """An example's image latents in row order (an interleaved row may hold several)."""
+    if example["kind"] == "interleaved":
+        return [item for item in example["items"] if isinstance(item, torch.Tensor)]
+    return [] if example["latent"] is None else [example["latent"]]
+
+
 class TransfusionCollator:
     """Examples → ``{"example_index": (B,), "parts": [part, ...]}``.
 
@@ -337,7 +352,9 @@ class TransfusionCollator:
         for ex in examples:
             if ex["kind"] not in KINDS:
                 raise ValueError(f"example kind {ex['kind']!r}; expected one of {KINDS}")
-            if ex["kind"] == "caption_image":
+            if ex["kind"] == "interleaved":
+                rows.append(list(ex["items"]))
+            elif ex["kind"] == "caption_image":
                 rows.append([ex["text"], ex["latent"]])
             elif ex["kind"] == "image_caption":
                 rows.append([ex["latent"], ex["text"]])
@@ -370,8 +387,7 @@ class TransfusionCollator:
             image = [i for i, ex in enumerate(examples) if ex["kind"] != "text"]
             groups = [g for g in (text, image) if g]
         parts = [
-            self._part([kept[i] for i in g], [examples[i]["latent"] for i in g if examples[i]["latent"] is not None])
-            for g in groups
+            self._part([kept[i] for i in g], [latent for i in g for latent in _latents(examples[i])]) for g in groups
         ]
         return {"example_index": torch.tensor([ex["index"] for ex in examples], dtype=torch.long), "parts": parts}
 

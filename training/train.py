@@ -365,6 +365,18 @@ def load_base(path: str | os.PathLike):
     return model, tokenizer
 
 
+def check_row_lengths(processor, name: str, rows: list[list], positions: int) -> list[list]:
+    """Interleaved rows are never cut: each must fit the model's positions (the processor lays them out)."""
+    from training.datasets import DataError
+
+    for i, row in enumerate(rows):
+        length = int(processor([row], add_eos=True, images_as_latents=True)["attention_mask"].sum())
+        if length > positions:
+            raise DataError(f"{name} row {i} is {length} tokens long with its images; the model has {positions} "
+                            "positions (max_position_embeddings): split the row")  # fmt: skip
+    return rows
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
@@ -606,7 +618,7 @@ def train(args) -> dict:
         sources = build_sources(args, [k for k, w in mix.items() if w > 0], config.image_size, strict=not by_size)
     except ValueError as err:  # user data that cannot be read: the message names the file or row
         raise SystemExit(f"error: {err}") from None
-    images, texts = {}, {}
+    images, texts, interleaved = {}, {}, {}
     with accelerator.main_process_first():  # the main process encodes and caches; the others read the cache
         model.to(accelerator.device)
         for name, source in sources.items():
@@ -614,15 +626,21 @@ def train(args) -> dict:
                 texts[name] = source.texts()[: args.max_examples]
                 continue
             try:
+                if source.modality == "interleaved":  # its images through the cache, then its rows with them
+                    latents = load_or_encode_latents(model, source.images, None, args.latent_cache,
+                                                     device=accelerator.device, log=say).latents  # fmt: skip
+                    rows = source.rows(latents)[: args.max_examples]
+                    interleaved[name] = check_row_lengths(processor, name, rows, config.max_position_embeddings)
+                    continue
                 images[name] = load_or_encode_latents(model, source, args.max_examples, args.latent_cache,
                                                       device=accelerator.device, log=say)  # fmt: skip
             except DataError as err:
                 raise SystemExit(f"error: {err}") from None
     if by_size:
-        mix = {name: float(len(rows)) for name, rows in {**images, **texts}.items()}
+        mix = {name: float(len(rows)) for name, rows in {**images, **texts, **interleaved}.items()}
     first = {k: v for k, v in args.image_first_prob.items() if k in images}
     prompts = sample_prompts({name: source.captions for name, source in images.items()})
-    dataset = MixtureDataset(images, texts, {k: w for k, w in mix.items() if w > 0}, first, args.seed)
+    dataset = MixtureDataset(images, texts, {k: w for k, w in mix.items() if w > 0}, first, args.seed, interleaved)
     # DeepSpeed counts backward calls as accumulation steps, and every FSDP forward is a collective that all ranks
     # must make as often: one forward per micro-batch there.
     split_text = accelerator.device.type == "cpu" if args.split_text is None else args.split_text

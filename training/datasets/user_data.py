@@ -6,6 +6,9 @@ PATH may be
   ``imagefolder``, the layout diffusers' training scripts read): ``file_name,text``;
 - a JSONL, JSON, CSV or Parquet file of rows with a caption column and an image column (a path relative to the file,
   or an ``imagefolder``-style image); rows without an image are text rows, a source of their own named NAME_text;
+- a JSONL/JSON file of interleaved rows: a ``content`` column (``--content-column``) holding a list of
+  ``{"type": "text", "text": …}`` and ``{"type": "image", "image": path}`` parts in their order (paths relative to the
+  file), trained as one sequence each, every image diffused and every text token predicted;
 - a folder of images each with its caption in a same-name ``.txt`` beside it (``000.png`` + ``000.txt``);
 - a folder of ``.txt`` files, or one ``.txt`` file: text, one row per line (``datasets``' ``text`` builder);
 - a folder written by ``Dataset.save_to_disk``, or any other folder ``datasets.load_dataset`` reads.
@@ -122,6 +125,11 @@ class _UserRows:
         self.data = load_user_dataset(path, self.streaming)
         columns = list(self.data.column_names or next(iter(self.data)).keys())
         self.has_images = self.image_column in columns
+        self.content_column = getattr(args, "content_column", "content")
+        self.interleaved = self.content_column in columns
+        if self.interleaved:
+            self.length = None if self.streaming else len(self.data)
+            return
         if self.caption_column not in columns:
             raise DataError(f"{path} has no caption column {self.caption_column!r} (its columns: {columns}); name the "
                             "column that holds the captions or text with --caption-column")  # fmt: skip
@@ -196,15 +204,22 @@ class UserImageSource(ImageCaptionSource):
         return [r.text(i, row) for i, row in itertools.islice(r.rows([r.caption_column]), n)]
 
     def pixels(self, n: int, chunk: int = 1000) -> Iterator[torch.Tensor]:
-        r, batch = self.rows_, []
-        for i, row in itertools.islice(r.rows([r.image_column]), n):
-            image = fit_image(r.image(i, row), self.image_size, self.fit)
-            batch.append(torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
-            if len(batch) == chunk:
-                yield torch.stack(batch)
-                batch = []
-        if batch:
+        r = self.rows_
+        images = (r.image(i, row) for i, row in itertools.islice(r.rows([r.image_column]), n))
+        return _pixel_chunks(images, self.image_size, self.fit, chunk)
+
+
+def _pixel_chunks(images, size: int, fit: str, chunk: int) -> Iterator[torch.Tensor]:
+    """PIL images → chunks of (k, 3, size, size) float in [-1, 1], fitted as `fit` says."""
+    batch = []
+    for image in images:
+        image = fit_image(image, size, fit)
+        batch.append(torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
+        if len(batch) == chunk:
             yield torch.stack(batch)
+            batch = []
+    if batch:
+        yield torch.stack(batch)
 
 
 class UserTextSource(TextSource):
@@ -217,6 +232,66 @@ class UserTextSource(TextSource):
         r = self.rows_
         blank = lambda value: isinstance(value, str) and not value.strip()  # noqa: E731 - blank lines of text files
         return [r.text(i, row) for i, row in r.rows([r.caption_column]) if not blank(row[r.caption_column])]
+
+
+class UserInterleavedSource(Source):
+    """Interleaved rows of a user dataset: each a list of text parts and images, kept in order. Its images are one
+    image source (`images`, captioned by their paths for the latent cache's check); `rows(latents)` puts their
+    latents in place."""
+
+    modality = "interleaved"
+
+    def __init__(self, rows: _UserRows, image_size: int, fit: str):
+        self.name, base = rows.name, rows.path.parent if rows.path.is_file() else rows.path
+        self.parts, paths = [], []  # per row: ("text", str) or ("image", index into paths)
+        for i, row in rows.rows([rows.content_column]):
+            content, parts = row[rows.content_column], []
+            for j, part in enumerate(content if isinstance(content, list) else [None]):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str) and part["text"].strip():
+                    parts.append(("text", part["text"]))
+                elif kind == "image" and isinstance(part.get("image"), str):
+                    parts.append(("image", len(paths)))
+                    paths.append(str(base / part["image"]))
+                else:
+                    raise DataError(f"{rows.path} row {i}: part {j} of {rows.content_column!r} is {part!r}; each part "
+                                    'is {"type": "text", "text": "…"} or {"type": "image", "image": "path"}')
+            if not parts:
+                raise DataError(f"{rows.path} row {i}: {rows.content_column!r} holds no parts")
+            self.parts.append(parts)
+        self.images = _PathImages(f"{self.name}_images", rows.path, paths, image_size, fit)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def rows(self, latents: torch.Tensor) -> list[list]:
+        """The rows with the images' latents (N, C, h, w) in place: lists of strings and (C, h, w) tensors."""
+        return [[value if kind == "text" else latents[value] for kind, value in parts] for parts in self.parts]
+
+
+class _PathImages(ImageCaptionSource):
+    """The images of an interleaved dataset, by path, as an image source for the latent cache."""
+
+    def __init__(self, name: str, path: Path, paths: list[str], image_size: int, fit: str):
+        self.name, self.source, self.paths, self.image_size, self.fit = name, path, paths, image_size, fit
+        self.cache_tag = "u" + _fingerprint(path, "interleaved", fit, image_size, *paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def captions(self, n: int) -> list[str]:
+        return self.paths[:n]
+
+    def pixels(self, n: int, chunk: int = 1000) -> Iterator[torch.Tensor]:
+        return _pixel_chunks((self._open(i, p) for i, p in enumerate(self.paths[:n])), self.image_size, self.fit, chunk)
+
+    def _open(self, i: int, path: str) -> PIL.Image.Image:
+        try:
+            image = PIL.Image.open(path)
+            image.load()
+        except Exception as err:  # noqa: BLE001 - PIL raises many kinds; each is reported with its image
+            raise DataError(f"{self.source}: image {i} ({path}) cannot be read ({type(err).__name__}: {err})") from None
+        return image
 
 
 @register_dataset
@@ -234,6 +309,8 @@ class UserDataset(Source):
                            "by NAME (default name: the file or folder stem)")  # fmt: skip
         group.add_argument("--caption-column", default="text", help="column of the captions or text (default: text)")
         group.add_argument("--image-column", default="image", help="column of the images (default: image)")
+        group.add_argument("--content-column", default="content",
+                           help="column of interleaved rows: lists of text and image parts (default: content)")
         group.add_argument("--image-fit", choices=("pad", "crop"), default="pad",
                            help="fit images to the model's resolution: pad to a square (keep all) or centre-crop")
         group.add_argument("--resolution", type=int, help="image side in pixels; must be the model's (its default)")
@@ -254,6 +331,9 @@ class UserDataset(Source):
             if name in DATASETS or name in {s.name for s in sources}:
                 raise DataError(f"--dataset {spec!r}: the name {name!r} is taken; give another as NAME=PATH")
             rows = _UserRows(name, path, args)
+            if rows.interleaved:
+                sources.append(UserInterleavedSource(rows, image_size, args.image_fit))
+                continue
             if not rows.has_images:
                 sources.append(UserTextSource(rows))
                 continue
