@@ -18,7 +18,7 @@ import PIL.Image
 import torch
 
 from modeling_transfusion.lora_transfusion import check_adapter
-from training.train import load_base
+from training.models import load_base
 
 DEFAULT_BASE = "checkpoints/transfusion-tiny"
 

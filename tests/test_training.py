@@ -30,6 +30,7 @@ from modeling_transfusion import (
     build_tokenizer,
 )
 from training import train as train_script
+from training.arguments import build_parser
 from training.collate import MicroBatchSampler, MixtureDataset, TransfusionCollator, parse_mix
 
 KEYS = ("loss", "lm_loss", "diffusion_loss", "lr")
@@ -355,7 +356,7 @@ def test_forward_backward_of_split_parts_equals_one_part(processor):
 
 
 def test_help_and_config_file_errors(tmp_path, capsys):
-    assert "--resume" in train_script.build_parser().format_help()
+    assert "--resume" in build_parser().format_help()
     bad = tmp_path / "bad.yaml"
     bad.write_text("batch_size: 4\nnot_a_flag: 1\n")
     with pytest.raises(SystemExit):

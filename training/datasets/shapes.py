@@ -407,6 +407,8 @@ class ShapesSource(ImageCaptionSource):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, image_size: int = 32) -> list[ImageCaptionSource]:
+        if not isinstance(args.shapes_count, int) or args.shapes_count < 1:
+            raise ValueError(f"--shapes-count={args.shapes_count!r}; must be an integer ≥ 1 (scenes to train on)")
         return [cls(count=args.shapes_count)]
 
     def __len__(self) -> int:
