@@ -18,9 +18,8 @@ import PIL.Image
 import torch
 
 from modeling_transfusion.lora_transfusion import check_adapter
+from training.finetune_lora import DEFAULT_BASE
 from training.models import load_base
-
-DEFAULT_BASE = "checkpoints/transfusion-tiny"
 
 
 # ----------------------------------------------------------------------------------------------------------------

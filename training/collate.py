@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from training.datasets import DEFAULT_MIX, ImageCaptionSource, builtin_names
+from training.datasets import DEFAULT_MIX, DataError, ImageCaptionSource, builtin_names
 
 KINDS = ("caption_image", "image_caption", "text", "interleaved")
 
@@ -392,8 +392,19 @@ class TransfusionCollator:
         return {"example_index": torch.tensor([ex["index"] for ex in examples], dtype=torch.long), "parts": parts}
 
 
+def check_row_lengths(processor, name: str, rows: list[list], positions: int) -> list[list]:
+    """Interleaved rows are never cut: each must fit the model's positions (the processor lays them out)."""
+    for i, row in enumerate(rows):
+        length = int(processor([row], add_eos=True, images_as_latents=True)["attention_mask"].sum())
+        if length > positions:
+            raise DataError(f"{name} row {i} is {length} tokens long with its images; the model has {positions} "
+                            "positions (max_position_embeddings): split the row")  # fmt: skip
+    return rows
+
+
 __all__ = [
     "ImageSource",
+    "check_row_lengths",
     "MicroBatchSampler",
     "MixtureDataset",
     "TransfusionCollator",

@@ -29,16 +29,11 @@ import os
 import time
 from pathlib import Path
 
-
 from training.lora import DEFAULT_TARGETS, PATCH_MODULES
 
 DEFAULT_BASE = "checkpoints/transfusion-tiny"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Loading the base checkpoint
-# ----------------------------------------------------------------------------------------------------------------
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
@@ -53,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=DEFAULT_BASE, help="pipeline or model folder to adapt (default: %(default)s)")
     p.add_argument("--data", action="append", default=[], help="image folder or JSONL file (repeatable)")
     p.add_argument("--text", action="append", default=[], help="plain-text file, one example per line (repeatable)")
-    p.add_argument("--output", default="runs/lora", help="adapter folder to write (default: %(default)s)")
+    p.add_argument("--output", default="runs/lora",
+                   help="run folder; the adapter lands in OUTPUT/final (default: %(default)s)")
     p.add_argument("--latent-cache", default="runs/latent-cache", help="folder of the images' cached VAE latents")
     g = p.add_argument_group("data (training.train's readers)")
     UserDataset.add_arguments(g)

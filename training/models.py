@@ -28,18 +28,6 @@ def load_base(path: str | os.PathLike):
     return model, tokenizer
 
 
-def check_row_lengths(processor, name: str, rows: list[list], positions: int) -> list[list]:
-    """Interleaved rows are never cut: each must fit the model's positions (the processor lays them out)."""
-    from training.datasets import DataError
-
-    for i, row in enumerate(rows):
-        length = int(processor([row], add_eos=True, images_as_latents=True)["attention_mask"].sum())
-        if length > positions:
-            raise DataError(f"{name} row {i} is {length} tokens long with its images; the model has {positions} "
-                            "positions (max_position_embeddings): split the row")  # fmt: skip
-    return rows
-
-
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 

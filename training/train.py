@@ -49,7 +49,6 @@ from training.collate import LatentCacheError
 from training.models import (
     build_config,
     build_model,
-    check_row_lengths,
     load_base,
     load_initial_weights,
     load_tokenizer,
@@ -139,6 +138,7 @@ def train(args) -> dict:
         MicroBatchSampler,
         MixtureDataset,
         TransfusionCollator,
+        check_row_lengths,
         load_or_encode_latents,
         parse_mix,
     )

@@ -192,7 +192,7 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
         """Every row of the processor's `encoded` output fits the model's positions with `reserve` to spare."""
         if encoded is not None:
             positions = self.transformer.config.max_position_embeddings
-            check_row_lengths(name, encoded["attention_mask"].sum(1), positions, positions, reserve)
+            check_row_lengths(name, encoded["attention_mask"].sum(1), positions, reserve)
 
     def encode_prompt(self, prompts: list[str], negative_prompts: list[str] | None, do_cfg: bool):
         """The processor's generation rows `<|bos|> prompt <|boi|>` (then the unconditional/negative rows when

@@ -125,7 +125,7 @@ class _UserRows:
         self.data = load_user_dataset(path, self.streaming)
         columns = list(self.data.column_names or next(iter(self.data)).keys())
         self.has_images = self.image_column in columns
-        self.content_column = getattr(args, "content_column", "content")
+        self.content_column = args.content_column
         self.interleaved = self.content_column in columns
         if self.interleaved:
             self.length = None if self.streaming else len(self.data)

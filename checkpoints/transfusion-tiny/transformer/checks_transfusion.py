@@ -210,12 +210,13 @@ def check_latents(latents, shape: tuple) -> None:
         raise ValueError("latents contain NaN or infinite values")
 
 
-def check_row_lengths(name: str, lengths, limit: int, positions: int, reserve: int = 0) -> None:
-    """Every encoded row (its length in tokens) leaves room for `reserve` more positions (an image's slots)."""
+def check_row_lengths(name: str, lengths, positions: int, reserve: int = 0) -> None:
+    """Every encoded row (its length in tokens) leaves room in the model's `positions` for `reserve` more (an image's
+    slots), or, with none reserved, for at least one generated token."""
     for i, length in enumerate(int(n) for n in lengths):
-        if length + reserve > limit:
-            room = (f"with the {reserve} positions an image needs, it must be at most {limit - reserve}" if reserve
-                    else f"it must be shorter than {limit}")  # fmt: skip
+        if (length + reserve > positions) if reserve else (length >= positions):
+            room = (f"with the {reserve} positions an image needs, it must be at most {positions - reserve}" if reserve
+                    else f"it must be shorter than {positions}")  # fmt: skip
             raise ValueError(f"{name} {i} is {length} tokens long: {room} (max_position_embeddings={positions})")
 
 
