@@ -7,7 +7,9 @@ noise; this object owns it, as DiT keeps `diffusion/` apart from its network:
 - noising through the diffusers scheduler's own convention (`add_noise`, `get_velocity`), the same configuration that
   samples at inference (`config.scheduler_config()`), so training targets and `scheduler.step` cannot drift apart;
   flow matching interpolates as `FlowMatchEulerDiscreteScheduler` does (x_σ = (1 − σ)·x0 + σ·ε, σ = t / T);
-- caption dropout for classifier-free guidance.
+- caption dropout for classifier-free guidance;
+- input images (an edit's source, a user's picture in a conversation: `image_is_input`) stay clean at t = 0 and
+  carry no diffusion loss, as the pipeline feeds them at inference.
 
     objective = TransfusionDiffusionObjective(model.config)
     out = objective(model, input_ids=..., attention_mask=..., labels=..., image_latents=clean_latents)
@@ -88,17 +90,26 @@ class TransfusionDiffusionObjective:
             return noisy, self.scheduler.get_velocity(latents, noise, timesteps)
         return noisy, latents
 
-    def drop_captions(self, input_ids, attention_mask, labels, block_ids, generator=None):
-        """Caption dropout: in a row whose first image follows text, with probability `caption_drop_prob` hide that
-        text (attention mask 0, so positions shift as if it were absent) and take the LM loss off the row, since an
-        unconditional row `<|bos|><|boi|>…` looks like a captioning prompt and must not teach the model to stop
-        there."""
+    def drop_captions(self, input_ids, attention_mask, labels, block_ids, generator=None, image_is_input=None):
+        """Caption dropout: in a row whose first generated image follows text, with probability `caption_drop_prob`
+        hide that text (attention mask 0, so positions shift as if it were absent) and take the LM loss off the row,
+        since an unconditional row `<|bos|><|boi|>…` looks like a captioning prompt and must not teach the model to
+        stop there. Input images before it stay: an edit's unconditional row is its source image alone (the
+        image-conditioned row of InstructPix2Pix guidance)."""
         c = self.config
-        first_image = (block_ids >= 0).float().argmax(-1)  # (B,) first slot position (0 if none)
-        has_image = (block_ids >= 0).any(-1)
+        generated = block_ids >= 0
+        if image_is_input is not None and image_is_input.any():
+            per_row = (block_ids.max(-1).values + 1).clamp(min=0)  # (B,) images of each row
+            first = per_row.cumsum(0) - per_row  # (B,) row-major index of each row's first image
+            index = torch.where(generated, block_ids + first[:, None], torch.zeros_like(block_ids))
+            generated = generated & ~image_is_input.bool().to(block_ids.device)[index]
+        first_image = generated.float().argmax(-1)  # (B,) first generated slot position (0 if none)
+        has_image = generated.any(-1)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         before = positions[None] < (first_image[:, None] - 1)  # strictly before <|boi|>
-        caption = before & (input_ids != c.bos_token_id) & attention_mask.bool()
+        text = ~torch.isin(input_ids, torch.tensor([c.bos_token_id, c.boi_token_id, c.eoi_token_id, c.image_token_id],
+                                                    device=input_ids.device))  # fmt: skip
+        caption = before & text & attention_mask.bool()
         u = torch.rand(input_ids.shape[0], device=input_ids.device, generator=generator)
         drop = has_image & caption.any(-1) & (u < c.caption_drop_prob)
         if not drop.any():
@@ -115,6 +126,7 @@ class TransfusionDiffusionObjective:
         image_latents: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_timesteps: torch.Tensor | None = None,
+        image_is_input: torch.Tensor | None = None,
         drop_captions: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         generator: torch.Generator | None = None,
@@ -122,7 +134,8 @@ class TransfusionDiffusionObjective:
     ) -> TransfusionObjectiveOutput:
         """Noise the clean `image_latents` (or the latents of `pixel_values`), run `model`, return both losses.
 
-        `image_timesteps` fixes the timesteps instead of drawing them; `drop_captions` defaults to `model.training`;
+        `image_timesteps` fixes the timesteps instead of drawing them; `image_is_input` (N,) marks the images given
+        as inputs (clean, t = 0, no loss; see the module docstring); `drop_captions` defaults to `model.training`;
         `num_items_in_batch` is the count of LM targets across all parts of a (micro-)batch, so losses of parts add up
         to the batch mean (transformers' `loss_function` convention)."""
         from .modeling_transfusion import image_block_ids
@@ -141,10 +154,17 @@ class TransfusionDiffusionObjective:
             noise = torch.randn(
                 image_latents.shape, generator=generator, device=image_latents.device, dtype=image_latents.dtype
             )
+            clean = image_latents
             image_latents, target = self.add_noise(image_latents, noise, image_timesteps)
+            if image_is_input is not None and image_is_input.any():
+                generated = ~image_is_input.bool().to(image_latents.device)
+                keep = generated.view(-1, *([1] * (clean.ndim - 1)))
+                image_latents = torch.where(keep, image_latents, clean)  # inputs exactly as the pipeline feeds them
+                image_timesteps = torch.where(generated, image_timesteps, torch.zeros_like(image_timesteps))
             drop = model.training if drop_captions is None else drop_captions
             if drop and c.caption_drop_prob > 0 and "position_ids" not in model_kwargs:
-                attention_mask, labels = self.drop_captions(input_ids, attention_mask, labels, blocks, generator)
+                attention_mask, labels = self.drop_captions(input_ids, attention_mask, labels, blocks, generator,
+                                                            image_is_input)  # fmt: skip
         else:
             image_latents = None
         outputs = model(
@@ -159,8 +179,14 @@ class TransfusionDiffusionObjective:
         )
         lm_loss = outputs.loss
         loss, diffusion_loss = lm_loss, None
+        if target is not None and image_is_input is not None:
+            generated = ~image_is_input.bool().to(target.device)
+            predictions, target = outputs.image_predictions[generated], target[generated]
+            target = target if len(target) else None  # every image an input: no diffusion loss
+        elif target is not None:
+            predictions = outputs.image_predictions
         if target is not None:
-            diffusion_loss = F.mse_loss(outputs.image_predictions.float(), target.float())
+            diffusion_loss = F.mse_loss(predictions.float(), target.float())
             loss = lm_loss + c.diffusion_loss_weight * diffusion_loss
         return TransfusionObjectiveOutput(
             loss=loss, lm_loss=lm_loss, diffusion_loss=diffusion_loss, image_timesteps=image_timesteps, outputs=outputs

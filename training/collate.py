@@ -325,18 +325,12 @@ class MicroBatchSampler(Sampler):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _latents(example: dict) -> list[torch.Tensor]:
-    """An example's image latents in row order (an interleaved row may hold several)."""
-    if example["kind"] == "interleaved":
-        return [item for item in example["items"] if isinstance(item, torch.Tensor)]
-    return [] if example["latent"] is None else [example["latent"]]
-
-
 class TransfusionCollator:
     """Examples → ``{"example_index": (B,), "parts": [part, ...]}``.
 
-    A part is a model batch: ``input_ids``, ``attention_mask``, ``labels`` (right padded) and ``image_latents``
-    (N, C, h, w) for its images in row-major order (absent when it has none). With ``split_text`` (default) the text
+    A part is a model batch: ``input_ids``, ``attention_mask``, ``labels`` (right padded), ``image_latents``
+    (N, C, h, w) for its images in row-major order and ``image_is_input`` (N,) (the images a conversation gives, kept
+    clean; both absent when it has no image). With ``split_text`` (default) the text
     rows and the image rows of the micro-batch are two parts, text first, each padded to its own longest row: a text
     row is two to three times longer than an image row, and one padded batch would spend about half its compute on
     padding. Without it (or when one kind is absent) there is a single part.
@@ -362,17 +356,22 @@ class TransfusionCollator:
                 rows.append([ex["text"]])
         return rows
 
-    def _part(self, rows: list[list[int]], latents: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _part(self, rows: list[list[int]], images: list[int], enc) -> dict[str, torch.Tensor]:
+        """A model batch of token `rows` and the images `images` (their indices in the processor's output `enc`)."""
         input_ids, attention_mask = self.processor.pad(rows, padding_side="right")
         labels = self.processor.labels(input_ids, attention_mask)  # −100 on image slots, <|eoi|> and padding
         part = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if latents:
-            part["image_latents"] = torch.stack(latents).float()  # (N, C, h, w), row-major
+        if images:
+            part["image_latents"] = enc["image_latents"][images].float()  # (N, C, h, w), row-major
+            part["image_is_input"] = enc["image_is_input"][images]  # (N,)
         return part
 
     def __call__(self, examples: list[dict]) -> dict:
-        enc = self.processor(self.rows(examples), add_eos=True, images_as_latents=True)
+        enc = self.processor(self.rows(examples), add_eos=True, images_as_latents=True, return_image_inputs=True)
         ids, lengths = enc["input_ids"], enc["attention_mask"].sum(-1).tolist()
+        counts = (ids == self.processor.special_ids["boi"]).sum(-1).tolist()  # images per row
+        first = np.cumsum([0, *counts])
+        images_of = [list(range(first[i], first[i + 1])) for i in range(len(examples))]
         kept = []  # the token ids of each row without padding, text rows cut to a window
         for i, ex in enumerate(examples):
             row_ids, n = ids[i, : lengths[i]], lengths[i]
@@ -386,9 +385,7 @@ class TransfusionCollator:
             text = [i for i, ex in enumerate(examples) if ex["kind"] == "text"]
             image = [i for i, ex in enumerate(examples) if ex["kind"] != "text"]
             groups = [g for g in (text, image) if g]
-        parts = [
-            self._part([kept[i] for i in g], [latent for i in g for latent in _latents(examples[i])]) for g in groups
-        ]
+        parts = [self._part([kept[i] for i in g], [k for i in g for k in images_of[i]], enc) for g in groups]
         return {"example_index": torch.tensor([ex["index"] for ex in examples], dtype=torch.long), "parts": parts}
 
 

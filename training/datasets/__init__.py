@@ -1,5 +1,6 @@
 """Training datasets: the registry (:mod:`.base`), the built-in worlds and a user's own data. Importing this package
-registers them, in the order the mixture draws them: fashion, shapes, text, then user datasets as given."""
+registers them, in the order the mixture draws them: fashion, shapes, text, edit, chat (:mod:`.instruct`), then user
+datasets as given."""
 
 from .base import (
     DATASETS,
@@ -35,6 +36,7 @@ from .shapes import (
     shapes_scene,
 )
 from .text import TextDataset, text_corpus
+from .instruct import ChatSource, EditSource, edit_example, heldout_edits, heldout_questions, render_objects
 from .user_data import DataError, UserDataset
 
 # The recipe of the bundled model: both image worlds and text.
@@ -61,6 +63,12 @@ def all_captions() -> list[str]:
 
 __all__ = [
     "COLOURS",
+    "ChatSource",
+    "EditSource",
+    "edit_example",
+    "heldout_edits",
+    "heldout_questions",
+    "render_objects",
     "COUNT_WORDS",
     "DATASETS",
     "DEFAULT_MIX",
