@@ -42,6 +42,6 @@ from .tokenization_transfusion import build_tokenizer  # noqa: E402
 AutoProcessor.register(TransfusionConfig, TransfusionProcessor, exist_ok=True)
 __all__ += ["TransfusionProcessor", "build_tokenizer"]
 
-from .pipeline_transfusion import InterleavedOutput, TransfusionPipeline, TransfusionPipelineOutput  # noqa: E402
+from .pipeline_transfusion import ChatOutput, InterleavedOutput, TransfusionPipeline, TransfusionPipelineOutput  # noqa: E402
 
-__all__ += ["TransfusionPipeline", "TransfusionPipelineOutput", "InterleavedOutput"]
+__all__ += ["TransfusionPipeline", "TransfusionPipelineOutput", "InterleavedOutput", "ChatOutput"]

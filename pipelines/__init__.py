@@ -1,5 +1,10 @@
 """The diffusers pipeline, re-exported from the model package (where it ships with the model code)."""
 
-from modeling_transfusion.pipeline_transfusion import InterleavedOutput, TransfusionPipeline, TransfusionPipelineOutput
+from modeling_transfusion.pipeline_transfusion import (
+    ChatOutput,
+    InterleavedOutput,
+    TransfusionPipeline,
+    TransfusionPipelineOutput,
+)
 
-__all__ = ["TransfusionPipeline", "TransfusionPipelineOutput", "InterleavedOutput"]
+__all__ = ["TransfusionPipeline", "TransfusionPipelineOutput", "InterleavedOutput", "ChatOutput"]

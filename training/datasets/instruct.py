@@ -177,7 +177,8 @@ def _attempt(rng, kind) -> Edit | None:
         relation = _pick(rng, RELATIONS)
         if _relation_rendered_clearly(mover, ref, relation):
             return None  # already there
-        moved = _place(rng, mover.colour, mover.shape, [ref], fits=lambda o: _relation_rendered_clearly(o, ref, relation))
+        there = lambda o: _relation_rendered_clearly(o, ref, relation)  # noqa: E731
+        moved = _place(rng, mover.colour, mover.shape, [ref], fits=there)
         if moved is None:
             return None
         target = [moved if o is mover else o for o in source]

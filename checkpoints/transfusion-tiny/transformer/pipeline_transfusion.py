@@ -1,4 +1,4 @@
-"""TransfusionPipeline: text→image, image→text and interleaved generation with one Transfusion model.
+"""TransfusionPipeline: text→image, editing, image→text, chat and interleaved generation with one Transfusion model.
 
 The pipeline only orchestrates. Its `transformer` component *is* the transformers `TransfusionForCausalLM` (which owns
 the VAE, the patch layers and the cache helper); its processor (built from the tokenizer and the model config) owns
@@ -38,7 +38,7 @@ from .checks_transfusion import (
     check_row_lengths,
 )
 from .lora_transfusion import TransfusionLoraLoaderMixin
-from .processing_transfusion import TransfusionProcessor
+from .processing_transfusion import TransfusionProcessor, is_conversation
 
 MODEL_SUBFOLDER = "transformer"
 # The code that travels with a checkpoint: this file, the model and the processor, and everything they import
@@ -85,6 +85,15 @@ class InterleavedOutput(BaseOutput):
 
 
 @dataclass
+class ChatOutput(BaseOutput):
+    """message: the assistant's turn, `{"role": "assistant", "content": [text and images in order]}` (append it to
+    the conversation to go on); a list of them for a batch of conversations. token_ids: as `InterleavedOutput`."""
+
+    message: dict | list | None = None
+    token_ids: torch.Tensor | list | None = None
+
+
+@dataclass
 class Prefix:
     """A cached prefix: the KV cache of `rows` sequences and their attention mask (B, L) over the cached positions."""
 
@@ -94,8 +103,9 @@ class Prefix:
 
 class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
     r"""
-    Text→image with a Transfusion model, plus captioning (`caption`) and interleaved text+image generation
-    (`generate_interleaved`) with the same model.
+    Text→image and instruction editing (`__call__`, with `image=` the picture to edit) with a Transfusion model, plus
+    captioning (`caption`), conversations (`chat`) and interleaved text+image generation (`generate_interleaved`) with
+    the same model.
 
     Components:
         transformer: `TransfusionForCausalLM` (holds the VAE: `pipe.vae is pipe.transformer.vae`).
@@ -128,8 +138,12 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
         return self._guidance_scale
 
     @property
+    def image_guidance_scale(self) -> float:
+        return self._image_guidance_scale
+
+    @property
     def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
+        return self._guidance_scale > 1.0 or self._image_guidance_scale > 1.0
 
     @property
     def num_timesteps(self) -> int:
@@ -141,8 +155,10 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
 
     # -- inputs --------------------------------------------------------------------------------------------------------
     def check_inputs(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, latents, n,
-                     generator, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs):  # fmt: skip
-        """Every argument of `__call__`, before any work; returns the prompts and negative prompts as lists."""
+                     generator, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs, image=None,
+                     image_guidance_scale=None):  # fmt: skip
+        """Every argument of `__call__`, before any work; returns the prompts, negative prompts and images to edit
+        (None without `image`) as lists, one per prompt."""
         c = self.transformer.config
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -178,10 +194,39 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
         bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs {sorted(bad)} not in {self._callback_tensor_inputs}")
+        images = None if image is None else self._check_images(image, len(prompts))
+        if image_guidance_scale is not None:
+            check_number("image_guidance_scale", image_guidance_scale, note=" (1 or less = none; needs image=)")
+            if image is None and image_guidance_scale > 1:
+                raise ValueError(f"image_guidance_scale={image_guidance_scale} guides towards the image to edit: pass "
+                                 "image= (or leave image_guidance_scale None)")  # fmt: skip
         for name, texts in (("prompt", prompts), ("negative_prompt", negatives or [])):
-            encoded = self.processor([[t] for t in texts], append_boi=True) if texts else None
+            rows = [[t] for t in texts] if images is None else [self._edit_row(i, t) for i, t in zip(images, texts)]
+            encoded = self.processor(rows, append_boi=True) if rows else None
             self._check_lengths(name, encoded, c.image_slots)
-        return prompts, negatives
+        return prompts, negatives, images
+
+    @staticmethod
+    def _check_images(image, n_prompts: int) -> list:
+        """`image=`: one image for every prompt, or one per prompt (a list, or a (N, 3, H, W) tensor in [−1, 1])."""
+        if isinstance(image, torch.Tensor) and image.ndim == 4:
+            image = list(image)
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        kinds = [type(i).__name__ for i in images]
+        if not images or not all(isinstance(i, (PIL.Image.Image, np.ndarray, torch.Tensor)) for i in images):
+            raise ValueError("image must be a PIL image, a uint8 array, a (3, H, W) tensor in [-1, 1], or a list of "
+                             f"them (one per prompt), got {kinds or image!r}")  # fmt: skip
+        if len(images) not in (1, n_prompts):
+            raise ValueError(f"image: {len(images)} images for {n_prompts} prompts; give one image, or one per prompt")
+        return images * (n_prompts // len(images))
+
+    @staticmethod
+    def _edit_row(image, instruction: str | None) -> list:
+        """The processor row of an edit: the user's turn with the image and the instruction, the answer to come (an
+        empty instruction: the image alone, as caption dropout leaves it in training)."""
+        if not instruction:
+            return [image]
+        return [{"role": "user", "content": [image, instruction]}]
 
     @staticmethod
     def _check_output_type(output_type):
@@ -200,6 +245,20 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
         rows = prompts + ((negative_prompts or [""] * len(prompts)) if do_cfg else [])
         enc = self.processor([[text] for text in rows], append_boi=True, padding_side="left")
         return enc["input_ids"].to(self._execution_device), enc["attention_mask"].to(self._execution_device)
+
+    def encode_edit(self, prompts: list[str], negative_prompts: list[str] | None, images: list, text_cfg: bool,
+                    image_cfg: bool):  # fmt: skip
+        """The rows of an edit, left-padded: the conditional rows (image, instruction), then when guiding the rows
+        without the instruction (the image alone, or image and negative prompt), then with `image_cfg` the rows with
+        neither (`<|bos|> <|boi|>`). Returns (ids, attention mask, clean latents of the rows' images)."""
+        rows = [self._edit_row(i, t) for i, t in zip(images, prompts)]
+        if text_cfg or image_cfg:
+            rows += [self._edit_row(i, t) for i, t in zip(images, negative_prompts or [""] * len(prompts))]
+        if image_cfg:
+            rows += [[""]] * len(prompts)
+        enc = self.processor(rows, append_boi=True, padding_side="left").to(self._execution_device)
+        latents = self.transformer.encode_images(enc["pixel_values"].to(self.transformer.dtype))
+        return enc["input_ids"], enc["attention_mask"], latents
 
     def prepare_latents(self, batch_size, dtype, generator, latents=None):
         """Initial noise scaled by the scheduler's `init_noise_sigma` — read after `set_timesteps`, which sets it for
@@ -255,9 +314,9 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
     @torch.no_grad()
     def denoise(self, prefixes: list[Prefix], latents, timesteps, generator=None, callback_on_step_end=None,
                 callback_on_step_end_tensor_inputs=("latents",)):  # fmt: skip
-        """The one denoising loop. `prefixes` hold B conditional rows, then (when guiding) B unconditional rows — in
-        one prefix of 2B rows or as a second prefix. A callback that lowers `pipe._guidance_scale` to ≤ 1 drops the
-        unconditional rows from then on."""
+        """The one denoising loop. `prefixes` hold B conditional rows, then (when guiding) B unconditional rows, and
+        for InstructPix2Pix guidance B rows with no conditioning — in one prefix or several (see `guide`). A callback
+        that lowers the guidance scales to ≤ 1 drops the unconditional rows from then on."""
         batch = latents.shape[0]
         extra = self.prepare_extra_step_kwargs(generator)
         warmup = len(timesteps) - self._num_inference_steps * self.scheduler.order
@@ -267,14 +326,11 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
                     continue
                 if not self.do_classifier_free_guidance and sum(p.mask.shape[0] for p in prefixes) > batch:
                     prefixes = _conditional_rows(prefixes, batch)
-                guided = sum(p.mask.shape[0] for p in prefixes) > batch
-                latent_in = torch.cat([latents, latents]) if guided else latents
+                groups = sum(p.mask.shape[0] for p in prefixes) // batch
+                latent_in = torch.cat([latents] * groups)
                 if hasattr(self.scheduler, "scale_model_input"):  # flow matching has none
                     latent_in = self.scheduler.scale_model_input(latent_in, t)
-                prediction = self._predict(prefixes, latent_in, t).to(latents.dtype)
-                if guided:
-                    cond, uncond = prediction.chunk(2)
-                    prediction = uncond + self.guidance_scale * (cond - uncond)
+                prediction = self.guide(self._predict(prefixes, latent_in, t).to(latents.dtype).chunk(groups))
                 latents = self.scheduler.step(prediction, t, latents, **extra, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     local = {"latents": latents}
@@ -284,6 +340,18 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
                 if i == len(timesteps) - 1 or ((i + 1) > warmup and (i + 1) % self.scheduler.order == 0):
                     progress.update()
         return latents
+
+    def guide(self, predictions: tuple) -> torch.Tensor:
+        """Classifier-free guidance over the row groups' predictions: (conditional,) unguided; (conditional, u) as
+        u + s·(c − u), u the rows without the prompt; (c, i, n) as InstructPix2Pix, n + s_I·(i − n) + s·(c − i), i the
+        rows with the image to edit but no instruction, n the rows with neither."""
+        if len(predictions) == 1:
+            return predictions[0]
+        if len(predictions) == 2:
+            cond, uncond = predictions
+            return uncond + self.guidance_scale * (cond - uncond)
+        cond, image_only, none = predictions
+        return none + self.image_guidance_scale * (image_only - none) + self.guidance_scale * (cond - image_only)
 
     def append_image(self, prefix: Prefix, latents) -> Prefix:
         """Run the finished latents (B, C, h, w) at t = 0 after the prefix (its B conditional rows), so the cache
@@ -295,9 +363,10 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
                          logits_to_keep=1)  # fmt: skip
         return Prefix(prefix.cache, mask)
 
-    def _start_sampling(self, guidance_scale, num_inference_steps):
+    def _start_sampling(self, guidance_scale, num_inference_steps, image_guidance_scale=None):
         """Set the loop state the callbacks read, then the timesteps (before any latents: see prepare_latents)."""
         self._guidance_scale, self._interrupt, self._num_inference_steps = guidance_scale, False, num_inference_steps
+        self._image_guidance_scale = 1.0 if image_guidance_scale is None else image_guidance_scale
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
         self._num_timesteps = len(self.scheduler.timesteps)
         return self.scheduler.timesteps
@@ -319,35 +388,54 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
         return_dict: bool = True,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        image=None,
+        image_guidance_scale: float | None = None,
     ):
         r"""
-        Generate images from text.
+        Generate images from text, or edit `image` as the prompt says.
 
         Args:
-            prompt: one prompt or a list. negative_prompt: replaces the empty unconditional prompt of guidance.
+            prompt: one prompt or a list (with `image`: the instructions, e.g. "make the circle blue").
+            negative_prompt: replaces the empty unconditional prompt of guidance.
             height, width: pixels; must equal the model's image size (default).
             num_inference_steps: scheduler steps; None takes the pipeline's `default_inference_steps`, else 50.
             guidance_scale: classifier-free guidance (1 or less = none).
             num_images_per_prompt, generator (one, or a list with one per image), latents (initial noise).
             output_type: "pil", "np", "pt" or "latent".
             callback_on_step_end(pipe, i, t, {"latents": …}) → dict: may replace the latents, read `pipe.num_timesteps`
-                and change `pipe._guidance_scale` (≤ 1 ends guidance for the remaining steps).
+                and change `pipe._guidance_scale` (≤ 1, with `_image_guidance_scale` ≤ 1, ends guidance).
+            image: the picture(s) to edit — a PIL image, a uint8 array, a (3, H, W) tensor in [−1, 1], or a list or
+                (N, 3, H, W) tensor of them, one for every prompt or one per prompt. It goes into the sequence clean
+                (t = 0) before the instruction, in the user's turn of a conversation, and the edited image is
+                generated as the answer, after the cached prefix.
+            image_guidance_scale: with `image`, InstructPix2Pix guidance over both conditionings: the rows without the
+                instruction keep the image, and rows with neither are added (three rows per image). None or ≤ 1: the
+                unconditional rows drop only the instruction (`guidance_scale` over the text, the image always kept).
         """
         # 1. check inputs
         height = self.image_size if height is None else height
         width = self.image_size if width is None else width
         if num_inference_steps is None:
             num_inference_steps = self.config.get("default_inference_steps") or 50
-        prompts, negatives = self.check_inputs(prompt, negative_prompt, height, width, num_inference_steps,
-                                               guidance_scale, latents, num_images_per_prompt, generator, output_type,
-                                               callback_on_step_end, callback_on_step_end_tensor_inputs)  # fmt: skip
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        negatives = None if negatives is None else [p for p in negatives for _ in range(num_images_per_prompt)]
+        prompts, negatives, images = self.check_inputs(prompt, negative_prompt, height, width, num_inference_steps,
+                                                       guidance_scale, latents, num_images_per_prompt, generator,
+                                                       output_type, callback_on_step_end,
+                                                       callback_on_step_end_tensor_inputs, image,
+                                                       image_guidance_scale)  # fmt: skip
+        n = num_images_per_prompt
+        prompts = [p for p in prompts for _ in range(n)]
+        negatives = None if negatives is None else [p for p in negatives for _ in range(n)]
+        images = None if images is None else [i for i in images for _ in range(n)]
         # 2. timesteps (they set the scheduler's initial noise scale)
-        timesteps = self._start_sampling(guidance_scale, num_inference_steps)
-        # 3. encode and prefill the prompt (conditional rows, then unconditional rows)
-        ids, mask = self.encode_prompt(prompts, negatives, self.do_classifier_free_guidance)
-        prefix = self.prefill(ids, mask)
+        timesteps = self._start_sampling(guidance_scale, num_inference_steps, image_guidance_scale)
+        # 3. encode and prefill the prompt (conditional rows, then unconditional rows); an edit's image runs clean
+        if images is None:
+            ids, mask = self.encode_prompt(prompts, negatives, self.do_classifier_free_guidance)
+            prefix = self.prefill(ids, mask)
+        else:
+            ids, mask, known = self.encode_edit(prompts, negatives, images, self._guidance_scale > 1,
+                                                self._image_guidance_scale > 1)  # fmt: skip
+            prefix = self.prefill(ids, mask, known)
         # 4. prepare latents
         latents = self.prepare_latents(len(prompts), self.transformer.dtype, generator, latents)
         # 5. the denoising loop
@@ -409,16 +497,20 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         callback_on_step_end=None,
+        image_guidance_scale: float | None = None,
     ) -> InterleavedOutput:
         """Free decoding with `transformer.generate()` in which the model itself may emit `<|boi|>`: generation stops
-        there, the image is denoised after the cache `generate` returned (guidance against `<|bos|><|boi|>`), run
-        clean into that cache, and decoding continues from `<|eoi|>` on the clean image.
+        there, the image is denoised after the cache `generate` returned, run clean into that cache, and decoding
+        continues from `<|eoi|>` on the clean image. Guidance drops the text, as caption dropout does in training: the
+        unconditional row is the row's images so far, clean (`<|bos|><|boi|>` when it has none); with
+        `image_guidance_scale` > 1 rows with neither are added (InstructPix2Pix, see `guide`).
 
-        `prompt` is a string, a list of strings and images (one row) or a list of such rows (a batch). The rows go
-        through `generate` together; those that stop at `<|boi|>` get their images as one batch and continue, the
-        others are finished. `max_new_tokens` counts the sampled tokens of each row (not the image slots).
+        `prompt` is a string, a list of strings and images (one row), a conversation (see `chat`) or a list of rows (a
+        batch). The rows go through `generate` together; those that stop at `<|boi|>` get their images as one batch
+        and continue, the others are finished. `max_new_tokens` counts the sampled tokens of each row (not the image
+        slots).
         """
-        batched = isinstance(prompt, list) and any(isinstance(row, list) for row in prompt)
+        batched = isinstance(prompt, list) and not is_conversation(prompt) and any(isinstance(r, list) for r in prompt)
         rows = prompt if batched else [prompt]
         if not isinstance(prompt, (str, list)):
             raise ValueError("prompt must be a string, a list of strings and images (one row) or a list of rows, got "
@@ -433,12 +525,17 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
         check_integer("num_inference_steps", num_inference_steps, 1, MAX_INFERENCE_STEPS)
         check_number("guidance_scale", guidance_scale, note=" (1 or less = no guidance)")
         check_number("temperature", temperature, note=" (0 = greedy)")
+        if image_guidance_scale is not None:
+            check_number("image_guidance_scale", image_guidance_scale, note=" (1 or less = none)")
         check_generator(generator, len(rows), allow_list=False)
         self._check_output_type(output_type)
         model, ids, device = self.transformer, self.processor.special_ids, self._execution_device
         enc = self.processor(rows if batched else rows[0], padding_side="left").to(device)
         self._check_lengths("prompt row", enc)
         known = model.encode_images(enc["pixel_values"].to(model.dtype)) if "pixel_values" in enc else None
+        per_row = (enc["input_ids"] == ids["boi"]).sum(1).tolist()
+        row_images = [list(known[sum(per_row[:i]) : sum(per_row[: i + 1])]) if known is not None else []
+                      for i in range(len(rows))]  # every row's clean latents so far, for its unconditional row
         # the prompt runs through generate's first step; keep the last token uncached, as generate expects
         prefix = self.prefill(enc["input_ids"][:, :-1], enc["attention_mask"][:, :-1], known)
         sequence, mask = enc["input_ids"], enc["attention_mask"]  # (B, L): every token so far, cached or not
@@ -484,11 +581,13 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
             active, sequence, mask = active[pick], sequence[pick], mask[pick]
             prefix.cache.batch_select_indices(pick)
             prefix = Prefix(prefix.cache, mask)
-            latents = self._interleaved_image(prefix, len(pick), num_inference_steps, guidance_scale, generator,
+            latents = self._interleaved_image(prefix, [row_images[r] for r in active.tolist()], num_inference_steps,
+                                              guidance_scale, image_guidance_scale, generator,
                                               callback_on_step_end)  # fmt: skip
             images = latents if output_type == "latent" else self.postprocess(latents, output_type)
             for j, row in enumerate(active.tolist()):
                 items[row].append(images[j : j + 1] if output_type == "latent" else images[j])
+                row_images[row].append(latents[j])
             prefix = self.append_image(prefix, latents)
             closing = torch.tensor([[*self.processor.image_slot_ids, ids["eoi"]]] * len(pick), device=device)
             sequence, mask = torch.cat([sequence, closing], dim=1), torch.cat([mask, torch.ones_like(closing)], dim=1)
@@ -496,15 +595,61 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
             return InterleavedOutput(items=items, token_ids=sequences)
         return InterleavedOutput(items=items[0], token_ids=sequences[0])
 
-    def _interleaved_image(self, prefix, batch, num_inference_steps, guidance_scale, generator, callback):
-        """Denoise one image per row after `prefix`; guidance against `<|bos|><|boi|>` in a prefix of its own."""
-        timesteps = self._start_sampling(guidance_scale, num_inference_steps)
+    def _interleaved_image(self, prefix, known: list[list], num_inference_steps, guidance_scale, image_guidance_scale,
+                           generator, callback):  # fmt: skip
+        """Denoise one image per row after `prefix`; `known` holds each row's clean latents so far. Guidance against
+        those images alone (`<|bos|><|boi|>` for a row without), in a prefix of its own; a third with
+        `image_guidance_scale` > 1 (rows with nothing)."""
+        timesteps = self._start_sampling(guidance_scale, num_inference_steps, image_guidance_scale)
         prefixes = [prefix]
         if self.do_classifier_free_guidance:
-            ids, mask = self.encode_prompt([""] * batch, None, do_cfg=False)
-            prefixes.append(self.prefill(ids, mask))
-        latents = self.prepare_latents(batch, self.transformer.dtype, generator)
+            rows = [list(images) or [""] for images in known]
+            rows += [[""]] * len(known) if self._image_guidance_scale > 1 else []
+            enc = self.processor(rows, append_boi=True, padding_side="left", images_as_latents=True)
+            enc = enc.to(self._execution_device)
+            image_latents = enc["image_latents"].to(self.transformer.dtype) if "image_latents" in enc else None
+            prefixes.append(self.prefill(enc["input_ids"], enc["attention_mask"], image_latents))
+        latents = self.prepare_latents(len(known), self.transformer.dtype, generator)
         return self.denoise(prefixes, latents, timesteps, generator, callback)
+
+    # -- conversations ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def chat(
+        self,
+        messages: list,
+        max_new_tokens: int = 64,
+        max_images: int = 1,
+        num_inference_steps: int | None = None,
+        guidance_scale: float = 3.0,
+        image_guidance_scale: float | None = None,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+    ) -> ChatOutput:
+        r"""
+        The assistant's next turn of a conversation: text and images, interleaved as the model writes them.
+
+        Args:
+            messages: `[{"role": "user" | "assistant", "content": ...}, ...]` ending with a user turn; a content is a
+                string, an image (PIL, uint8 array, (3, H, W) tensor in [−1, 1]) or a list of them. A list of such
+                conversations is a batch. The processor lays them out (`user:` …, `assistant:` … `<|eos|>`).
+            max_new_tokens, max_images, num_inference_steps, guidance_scale, image_guidance_scale, temperature,
+            generator, output_type: as `generate_interleaved`; the turn ends at `<|eos|>` (or when a limit is hit).
+
+        Returns `ChatOutput`: `message` is the new turn (`{"role": "assistant", "content": [...]}`) to append before
+        the next user turn.
+        """
+        batched = isinstance(messages, list) and bool(messages) and all(isinstance(m, list) for m in messages)
+        conversations = messages if batched else [messages]
+        for conversation in conversations:
+            self.processor.conversation_prompt(conversation)
+        out = self.generate_interleaved(conversations if batched else conversations[0], max_new_tokens=max_new_tokens,
+                                        max_images=max_images, num_inference_steps=num_inference_steps,
+                                        guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
+                                        temperature=temperature, generator=generator,
+                                        output_type=output_type)  # fmt: skip
+        turns = [{"role": "assistant", "content": items} for items in (out.items if batched else [out.items])]
+        return ChatOutput(message=turns if batched else turns[0], token_ids=out.token_ids)
 
     # -- one folder for transformers and diffusers ------------------------------------------------------------------
     @classmethod
@@ -570,4 +715,11 @@ def _stale_code_files(folder) -> list[str]:
     return stale
 
 
-__all__ = ["TransfusionPipeline", "TransfusionPipelineOutput", "InterleavedOutput", "save_code", "shipped_code_files"]
+__all__ = [
+    "ChatOutput",
+    "InterleavedOutput",
+    "TransfusionPipeline",
+    "TransfusionPipelineOutput",
+    "save_code",
+    "shipped_code_files",
+]

@@ -6,6 +6,12 @@ stays plain text); an image becomes `<|boi|>` + `image_slots` × `<|image|>` + `
 `pixel_values`, or — with `images_as_latents=True` — as VAE latents (C, h, w) that come back as `image_latents`
 (a training collator holds latents already and needs no pixels). Both are stacked in row-major order.
 
+A conversation is a row too: a list of messages `{"role": "user" | "assistant", "content": item or [items]}`, laid
+out as `user:` + content and `assistant:` + content + `<|eos|>` (the end of a turn), so a model trained on them answers
+a turn and stops (`add_generation_prompt=True` ends the row with `assistant:`, for the model to answer). In a
+conversation the user's images are inputs and the assistant's images are generated; only the last generated image of a
+row is trained as generated (`return_image_inputs`), the earlier ones are context that later turns read clean.
+
 Pixel preprocessing (`prepare_image`): EXIF orientation applied, transparency composited on the background colour
 (the training images have black backgrounds), the aspect ratio kept by padding to a square with that colour, then
 resized to `image_size` and scaled to [−1, 1].
@@ -21,6 +27,12 @@ from transformers import BatchFeature, ProcessorMixin
 # Modes PIL converts to RGB without guessing a value range; 16/32-bit and float images are refused.
 SUPPORTED_IMAGE_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+CHAT_ROLES = ("user", "assistant")
+
+
+def is_conversation(row) -> bool:
+    """Whether a row is a conversation (a list of {"role", "content"} messages) rather than a list of items."""
+    return isinstance(row, (list, tuple)) and bool(row) and all(isinstance(m, dict) and "role" in m for m in row)
 
 
 def prepare_image(image, image_size: int, background=(0, 0, 0)) -> tuple[PIL.Image.Image, list[str]]:
@@ -139,16 +151,26 @@ class TransfusionProcessor(ProcessorMixin):
         return self.image_processor_.preprocess(image)[0]
 
     def _encode_row(self, row, add_eos: bool, ids: dict, images_as_latents: bool):
+        """One row → (token ids, image tensors, per image: whether it is an input rather than generated)."""
+        if is_conversation(row):
+            return self._encode_conversation(row, add_eos, ids, images_as_latents)
         items = (str, PIL.Image.Image, np.ndarray, torch.Tensor)
         if isinstance(row, items):
             row = [row]
         if not isinstance(row, (list, tuple)) or not all(isinstance(item, items) for item in row):
             got = type(row).__name__ if not isinstance(row, (list, tuple)) else [type(item).__name__ for item in row]
             raise ValueError(
-                "A row is a string, an image (PIL, uint8 array or tensor) or a list of them; "
-                f"a batch is a list of rows. Got {got}"
+                "A row is a string, an image (PIL, uint8 array or tensor), a list of them, or a conversation (a list "
+                f'of {{"role": "user" | "assistant", "content": ...}} messages); a batch is a list of rows. Got {got}'
             )
         tokens, images = [ids["bos"]], []
+        self._encode_items(row, tokens, images, ids, images_as_latents)
+        if add_eos:
+            tokens.append(ids["eos"])
+        return tokens, images, [False] * len(images)
+
+    def _encode_items(self, row, tokens: list, images: list, ids: dict, images_as_latents: bool) -> None:
+        """Append the tokens and image tensors of a list of strings and images."""
         for item in row:
             if isinstance(item, str):
                 tokens += self.encode_text(item)
@@ -161,9 +183,43 @@ class TransfusionProcessor(ProcessorMixin):
             else:
                 images.append(self.preprocess_image(item))
             tokens += [ids["boi"], *self.image_slot_ids, ids["eoi"]]
-        if add_eos:
-            tokens.append(ids["eos"])
-        return tokens, images
+
+    def _encode_conversation(self, messages, add_eos: bool, ids: dict, images_as_latents: bool):
+        """`user:` content, `assistant:` content `<|eos|>`, … ; the user's images and every assistant image but the last
+        are inputs. A conversation that ends with a user turn is left open at `assistant:` (a generation prompt)."""
+        items = (str, PIL.Image.Image, np.ndarray, torch.Tensor)
+        tokens, images, inputs = [ids["bos"]], [], []
+        for i, message in enumerate(messages):
+            role, content = message.get("role"), message.get("content")
+            content = [content] if isinstance(content, items) else content
+            if role not in CHAT_ROLES or not isinstance(content, (list, tuple)) or not content or not all(
+                    isinstance(item, items) for item in content):  # fmt: skip
+                raise ValueError(
+                    f'message {i} of a conversation is {message!r}; a message is {{"role": "user" | "assistant", '
+                    '"content": a string, an image, or a non-empty list of them}'
+                )
+            tokens += self.encode_text(f"{role}:")
+            before = len(images)
+            self._encode_items(content, tokens, images, ids, images_as_latents)
+            inputs += [True] * (len(images) - before) if role == "user" else [False] * (len(images) - before)
+            if role == "assistant":
+                tokens.append(ids["eos"])  # the end of a turn
+        generated = [k for k, is_input in enumerate(inputs) if not is_input]
+        inputs = [is_input or k != generated[-1] for k, is_input in enumerate(inputs)] if generated else inputs
+        if messages[-1].get("role") == "user":
+            tokens += self.encode_text("assistant:")  # the model answers from here
+        elif not add_eos:
+            tokens.pop()  # an assistant turn to continue: no end of turn yet
+        return tokens, images, inputs
+
+    def conversation_prompt(self, messages) -> list:
+        """Check a conversation for generation: it must end with a user turn (the row then ends at `assistant:`)."""
+        if not is_conversation(messages) or messages[-1].get("role") != "user":
+            raise ValueError(
+                'messages must be a non-empty list of {"role": "user" | "assistant", "content": ...} dicts ending '
+                f"with a user turn, got {messages!r}"
+            )
+        return messages
 
     def pad(self, rows: list[list[int]], padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
         """Token rows → (B, L) `input_ids` padded with `<|pad|>` on `padding_side`, and the attention mask."""
@@ -192,6 +248,7 @@ class TransfusionProcessor(ProcessorMixin):
         padding_side: str = "right",
         return_labels: bool = False,
         images_as_latents: bool = False,
+        return_image_inputs: bool = False,
         return_tensors: str = "pt",
         **kwargs,
     ) -> BatchFeature:
@@ -200,7 +257,9 @@ class TransfusionProcessor(ProcessorMixin):
         `append_boi` ends every row with `<|boi|>` (a text→image prompt); `add_eos` ends it with `<|eos|>` (training).
         Rows are padded with `<|pad|>` on `padding_side` ("left" for generation). `return_labels` adds `labels`
         (see `labels`). Images become `pixel_values` (N, 3, S, S), or with `images_as_latents=True` the items are
-        latents (C, h, w) and become `image_latents` (N, C, h, w).
+        latents (C, h, w) and become `image_latents` (N, C, h, w). `return_image_inputs` adds `image_is_input` (N,):
+        True for an image the row gives (a user's image in a conversation, or an assistant image a later turn reads),
+        False for one to train as generated (every image of a plain row).
         """
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -208,16 +267,20 @@ class TransfusionProcessor(ProcessorMixin):
             not inputs or any(isinstance(r, (list, tuple)) and not r for r in inputs)
         ):
             raise ValueError("Nothing to encode: the input (or one of its rows) is an empty list")
-        is_batch = isinstance(inputs, list) and any(isinstance(r, (list, tuple)) for r in inputs)
+        is_batch = isinstance(inputs, list) and not is_conversation(inputs) and any(
+            isinstance(r, (list, tuple)) for r in inputs
+        )
         rows = inputs if is_batch else [inputs]
         ids = self.special_ids
         encoded = [self._encode_row(r, add_eos, ids, images_as_latents) for r in rows]
-        tokens = [t + [ids["boi"]] if append_boi else t for t, _ in encoded]
+        tokens = [t + [ids["boi"]] if append_boi else t for t, _, _ in encoded]
         input_ids, attention_mask = self.pad(tokens, padding_side)
         data = {"input_ids": input_ids, "attention_mask": attention_mask}
-        images = [image for _, row_images in encoded for image in row_images]
+        images = [image for _, row_images, _ in encoded for image in row_images]
         if images:
             data["image_latents" if images_as_latents else "pixel_values"] = torch.stack(images)
+            if return_image_inputs:
+                data["image_is_input"] = torch.tensor([flag for _, _, flags in encoded for flag in flags])
         if return_labels:
             data["labels"] = self.labels(input_ids, attention_mask)
         return BatchFeature(data, tensor_type=return_tensors)
@@ -235,4 +298,4 @@ class TransfusionProcessor(ProcessorMixin):
 
 TransfusionProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["TransfusionProcessor", "SUPPORTED_IMAGE_MODES", "prepare_image"]
+__all__ = ["CHAT_ROLES", "TransfusionProcessor", "SUPPORTED_IMAGE_MODES", "is_conversation", "prepare_image"]
