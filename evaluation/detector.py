@@ -117,6 +117,51 @@ def score_prompt(spec_or_caption: SceneSpec | str, detections: list[DetectedObje
     }
 
 
+def _at(d: DetectedObject, obj, tolerance: float = 2.0) -> bool:
+    """The detection lies on the placed object: same colour and shape, centroid in its box (± `tolerance` px)."""
+    x, y = d.centroid
+    low_x, low_y, high = obj.x - tolerance, obj.y - tolerance, obj.size + 2 * tolerance
+    inside = low_x <= x <= low_x + high and low_y <= y <= low_y + high
+    return (d.colour, d.shape) == (obj.colour, obj.shape) and inside
+
+
+def score_edit(edit, detections: list[DetectedObject]) -> dict[str, bool]:
+    """Whether an edited image did what `edit` (a `training.datasets.instruct.Edit`) asked, and kept the rest.
+
+    success:    recolour — the object in the new colour where it was, and not in the old one; move — the moved object
+                `relation` the other; add — the new object there (and `relation` the other when the instruction says
+                where); remove — no object of that colour and shape left; count — exactly the new count of them.
+    preserved:  every object the instruction did not name is still there: same colour, shape and place (for a count
+                made smaller, every one left stands where one stood).
+    """
+    def of(colour, shape):
+        return [d for d in detections if (d.colour, d.shape) == (colour, shape)]
+
+    if edit.kind == "recolour":
+        (new,) = edit.changed
+        (old,) = [o for o in edit.source if (o.x, o.y) == (new.x, new.y)]
+        success = any(_at(d, new) for d in detections) and not any(_at(d, old) for d in detections)
+    elif edit.kind in ("move", "add"):
+        (obj,) = edit.changed
+        found = of(obj.colour, obj.shape)
+        if edit.relation is None:
+            success = bool(found)
+        else:
+            refs = of(edit.reference.colour, edit.reference.shape)
+            success = any(relation_holds(a.centroid, b.centroid, edit.relation) for a in found for b in refs)
+    elif edit.kind == "remove":
+        (gone,) = edit.removed
+        success = not of(gone.colour, gone.shape)
+    else:  # count
+        colour, shape = edit.target[0].colour, edit.target[0].shape
+        success = len(of(colour, shape)) == len(edit.target)
+    if edit.kind == "count" and len(edit.target) < len(edit.source):
+        preserved = all(any(_at(d, o) for o in edit.source) for d in of(edit.source[0].colour, edit.source[0].shape))
+    else:
+        preserved = all(any(_at(d, o) for d in detections) for o in edit.kept)
+    return {"success": bool(success), "preserved": bool(preserved)}
+
+
 def detection_matches_scene(spec: SceneSpec, detections: list[DetectedObject]) -> bool:
     """Exactly the placed objects, same colours and shapes, each centroid inside its object's bounding box."""
     if len(detections) != len(spec.objects):

@@ -18,6 +18,8 @@ Tasks (``--tasks``, comma-separated; default all):
 - ``text``     held-out perplexity and bits per byte on the standard-library corpus; with ``--text-baseline`` the
   same for a text-only model and the ratio.
 - ``vae``      the VAE alone: classifier accuracy on real test images vs their reconstructions, MSE, FD.
+- ``edit``, ``instruct``, ``qa``  instruction following on held-out data: edits through `pipe(…, image=)`, requests to
+  draw and questions about a picture through `pipe.chat` (:mod:`evaluation.instruct`).
 
 Every metric is defined in docs/evaluation.md. Results depend only on the flags (seeded per image, so also not on
 ``--batch-size``); the JSON records them all.
@@ -49,16 +51,18 @@ from training.datasets import (
     heldout_prompts,
     load_fashion_mnist,
     parse_caption,
+    render_objects,
     render_scene,
     rgb_to_tensor,
     shapes_scene,
     tensor_to_rgb,
     text_corpus,
 )
+from evaluation import instruct
 from evaluation.metrics import frechet_distance
 from evaluation.report import compare_plot, compare_table, markdown_table, save_grid, summary_rows
 
-TASKS = ("fashion", "shapes", "caption", "text", "vae")
+TASKS = ("fashion", "shapes", "caption", "text", "vae", *instruct.INSTRUCT_TASKS)
 FD_TARGET_RATIO = 1.5  # the target: FD of generated images ≤ 1.5 × FD of the VAE's reconstructions
 # Seed streams: every generated image draws its noise from its own generator, seeded by (seed, stream, index).
 STREAM_FASHION, STREAM_SHAPES = 1, 2
@@ -504,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-window", type=int, default=64, help="text: tokens per window (train.py's --max-text-tokens)")
     g.add_argument("--text-max-chunks", type=int, help="text: use only the first N held-out chunks")
     g.add_argument("--text-baseline", help="text: a text-only model folder (train.py --mix text=1) to compare with")
+    instruct.add_arguments(g)
     g = p.add_argument_group("outputs, runtime")
     g.add_argument("--grid", action="store_true", help="also write <out>-fashion.png and <out>-shapes.png sample grids")
     g.add_argument("--compare", nargs="+", metavar="JSON", help="print a side-by-side table of saved reports and exit")
@@ -530,6 +535,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; must be ≥ 1")
     if args.num_per_class < 2 and "fashion" in args.tasks:
         parser.error("--num-per-class must be ≥ 2 for the FD (a covariance needs two images per set)")
+    for name in ("edit_prompts", "instruct_prompts", "qa_questions"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; must be ≥ 1")
     for name in ("caption_per_class", "caption_shapes", "vae_per_class", "fd_reference_per_class"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; must be ≥ 0")
@@ -615,6 +623,17 @@ def main(argv=None) -> dict | str:
             results[task] = eval_text(pipe, args)
         elif task == "vae":
             results[task] = eval_vae(pipe, args, ref)
+        elif task == "edit":
+            results[task], pairs = instruct.eval_edit(pipe, args, item_seed)
+            if args.grid:
+                tiles = [x for e, edited in pairs[:16] for x in (render_objects(e.source), edited,
+                                                                 render_objects(e.target))]  # fmt: skip
+                labels = [x for e, _ in pairs[:16] for x in (e.instruction, "edited", "asked for")]
+                save_grid(np.stack(tiles), labels, out.with_name(out.stem + "-edit.png"), columns=9)
+        elif task == "instruct":
+            results[task] = instruct.eval_instruct(pipe, args, item_seed)
+        elif task == "qa":
+            results[task] = instruct.eval_qa(pipe, args)
         seconds[task] = round(time.time() - t0, 2)
         results[task]["seconds"] = seconds[task]
         print(f"{task}: done in {seconds[task]:.1f}s")
@@ -645,6 +664,10 @@ def main(argv=None) -> dict | str:
             "text_window": args.text_window,
             "text_max_chunks": args.text_max_chunks,
             "text_baseline": args.text_baseline,
+            "edit_prompts": args.edit_prompts,
+            "image_guidance": args.image_guidance,
+            "instruct_prompts": args.instruct_prompts,
+            "qa_questions": args.qa_questions,
             "fd_reference_per_class": args.fd_reference_per_class,
             "classifier": args.classifier,
             "threads": args.threads,

@@ -60,6 +60,9 @@ def summary_rows(report: dict) -> dict[str, object]:
             "vae: accuracy real → reconstructed": f"{v['accuracy_real']:.3f} → {v['accuracy_reconstruction']:.3f}",
             f"vae: FD of reconstructions (n={v['n']})": v["fd_vae_reconstruction"],
         }
+    from evaluation.instruct import summary_rows as instruction_rows
+
+    rows |= instruction_rows(res)
     rows["wall time (s)"] = report.get("wall_seconds")
     return rows
 

@@ -75,3 +75,17 @@ def test_parse_caption_then_score_uses_the_same_spec():
     spec = shapes_scene(1, "heldout")
     detections = detect(render_scene(spec))
     assert score_prompt(spec.caption, detections) == score_prompt(parse_caption(spec.caption), detections)
+
+
+def test_edit_scores_of_true_targets_and_unchanged_sources():
+    """Every held-out edit's true result passes and keeps the rest; leaving the source unchanged fails every edit
+    that must change what is there (a move may already hold in the source, so it is left out)."""
+    from evaluation.detector import score_edit
+    from training.datasets.instruct import heldout_edits, render_objects
+
+    for edit in heldout_edits(60):
+        assert score_edit(edit, detect(render_objects(edit.target))) == {"success": True, "preserved": True}, edit
+        unchanged = score_edit(edit, detect(render_objects(edit.source)))
+        assert unchanged["preserved"] or edit.kind == "count"
+        if edit.kind != "move":
+            assert not unchanged["success"], edit

@@ -19,7 +19,8 @@ from evaluation.metrics import frechet_distance
 TINY_COUNTS = [
     "--steps", "2", "--num-per-class", "2", "--shapes-prompts", "5", "--caption-per-class", "1",
     "--caption-shapes", "4", "--caption-max-tokens", "3", "--vae-per-class", "2", "--fd-reference-per-class", "10",
-    "--text-max-chunks", "3", "--text-window", "16", "--threads", "1",
+    "--text-max-chunks", "3", "--text-window", "16", "--threads", "1", "--edit-prompts", "5", "--instruct-prompts", "3",
+    "--qa-questions", "6",
 ]  # fmt: skip
 
 
@@ -76,6 +77,13 @@ def test_cli_writes_a_complete_report(folders, tmp_path):
     assert text["perplexity"] == pytest.approx(math.exp(text["nll_per_token"]))
     assert text["baseline"]["same_tokenizer"] and text["perplexity_ratio"] == pytest.approx(1.0)
     assert res["vae"]["n"] == 20
+    edit = res["edit"]
+    assert edit["n"] == 5 and set(edit["success_by_kind"]) == {"recolour", "move", "add", "remove", "count"}
+    assert edit["detector_on_targets"]["success"] == 1.0 and edit["detector_on_targets"]["preserved"] == 1.0
+    assert edit["unchanged_source"]["preserved"] == 1.0
+    assert res["instruct"]["n"] == 3 and 0 <= res["instruct"]["answered_with_image"] <= 1
+    assert res["qa"]["n"] == 6 and sum(res["qa"]["by_kind_n"].values()) == 6
+    assert (tmp_path / "tiny-edit.png").exists()
     assert all(math.isfinite(v) for v in numbers(report))
     assert "fashion: FD (generated vs real)" in out.with_suffix(".md").read_text()
     assert (tmp_path / "tiny-fashion.png").exists() and (tmp_path / "tiny-shapes.png").exists()
