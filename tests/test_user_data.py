@@ -242,3 +242,42 @@ def test_training_on_interleaved_rows(assets, tmp_path):  # noqa: F811
     with pytest.raises(SystemExit, match=r"long row 0 is \d+ tokens long with its images; the model has 256 positions"):
         spec = f"long={interleaved_file(tmp_path / 'long', long)}"
         train_script.main(flags(assets, tmp_path / "bad", "--dataset", spec, "--mix", "long=1", "--max-steps", "1"))
+
+
+def edits_file(tmp_path, rows=None):
+    image_folder(tmp_path / "pictures", n=3)
+    rows = rows or [
+        [{"role": "user", "content": [{"type": "image", "image": "pictures/0.png"},
+                                      {"type": "text", "text": "make it blue"}]},
+         {"role": "assistant", "content": [{"type": "image", "image": "pictures/1.png"}]}],
+        [{"role": "user", "content": "draw a green square"},
+         {"role": "assistant", "content": [{"type": "image", "image": "pictures/2.png"}]}],
+    ]  # fmt: skip
+    path = tmp_path / "edits.jsonl"
+    path.write_text("".join(json.dumps({"messages": row}) + "\n" for row in rows))
+    return path
+
+
+def test_conversation_rows_train_the_answer_on_the_clean_source(tmp_path, processor):
+    """A user's own edits as `messages`: the source image is an input (clean, no loss), the answer is generated."""
+    from training.collate import TransfusionCollator
+
+    source = build_sources(options("--dataset", str(edits_file(tmp_path))), ["edits"])["edits"]
+    assert source.modality == "interleaved" and len(source) == 2 and len(source.images) == 3
+    latents = torch.randn(3, 4, 8, 8)
+    rows = source.rows(latents)
+    assert rows[1][0] == {"role": "user", "content": ["draw a green square"]}
+    assert torch.equal(rows[0][0]["content"][0], latents[0]) and rows[0][0]["content"][1] == "make it blue"
+    examples = [{"index": i, "kind": "interleaved", "items": row, "text": None, "latent": None, "window": 0.0}
+                for i, row in enumerate(rows)]  # fmt: skip
+    (part,) = TransfusionCollator(processor)(examples)["parts"]
+    assert part["image_is_input"].tolist() == [True, False, False]
+    assert torch.equal(part["image_latents"], latents)
+    want = processor(rows[0], add_eos=True, images_as_latents=True)["input_ids"][0]
+    assert part["input_ids"][0, : len(want)].tolist() == want.tolist()
+
+
+def test_bad_messages_are_named(tmp_path):
+    rows = [[{"role": "system", "content": "be nice"}]]
+    with pytest.raises(DataError, match=r"edits.jsonl row 0: message 0 is .*; a message is"):
+        build_sources(options("--dataset", str(edits_file(tmp_path, rows))), ["edits"])

@@ -9,6 +9,10 @@ PATH may be
 - a JSONL/JSON file of interleaved rows: a ``content`` column (``--content-column``) holding a list of
   ``{"type": "text", "text": …}`` and ``{"type": "image", "image": path}`` parts in their order (paths relative to the
   file), trained as one sequence each, every image diffused and every text token predicted;
+- a JSONL/JSON file of conversations: a ``messages`` column (``--messages-column``) holding
+  ``{"role": "user" | "assistant", "content": …}`` turns, a content being a string or such a list of parts (your own
+  edits: the source image and the instruction from the user, the edited image from the assistant); the user's images
+  stay clean inputs, the last assistant image is diffused (the processor's conversation layout);
 - a folder of images each with its caption in a same-name ``.txt`` beside it (``000.png`` + ``000.txt``);
 - a folder of ``.txt`` files, or one ``.txt`` file: text, one row per line (``datasets``' ``text`` builder);
 - a folder written by ``Dataset.save_to_disk``, or any other folder ``datasets.load_dataset`` reads.
@@ -126,7 +130,9 @@ class _UserRows:
         columns = list(self.data.column_names or next(iter(self.data)).keys())
         self.has_images = self.image_column in columns
         self.content_column = args.content_column
-        self.interleaved = self.content_column in columns
+        self.messages_column = getattr(args, "messages_column", "messages")
+        self.conversations = self.messages_column in columns and self.content_column not in columns
+        self.interleaved = self.content_column in columns or self.conversations
         if self.interleaved:
             self.length = None if self.streaming else len(self.data)
             return
@@ -235,38 +241,64 @@ class UserTextSource(TextSource):
 
 
 class UserInterleavedSource(Source):
-    """Interleaved rows of a user dataset: each a list of text parts and images, kept in order. Its images are one
-    image source (`images`, captioned by their paths for the latent cache's check); `rows(latents)` puts their
-    latents in place."""
+    """Interleaved rows or conversations of a user dataset, kept in order. Its images are one image source (`images`,
+    captioned by their paths for the latent cache's check); `rows(latents)` puts their latents in place."""
 
     modality = "interleaved"
 
     def __init__(self, rows: _UserRows, image_size: int, fit: str):
         self.name, base = rows.name, rows.path.parent if rows.path.is_file() else rows.path
-        self.parts, paths = [], []  # per row: ("text", str) or ("image", index into paths)
-        for i, row in rows.rows([rows.content_column]):
-            content, parts = row[rows.content_column], []
-            for j, part in enumerate(content if isinstance(content, list) else [None]):
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text" and isinstance(part.get("text"), str) and part["text"].strip():
-                    parts.append(("text", part["text"]))
-                elif kind == "image" and isinstance(part.get("image"), str):
-                    parts.append(("image", len(paths)))
-                    paths.append(str(base / part["image"]))
-                else:
-                    raise DataError(f"{rows.path} row {i}: part {j} of {rows.content_column!r} is {part!r}; each part "
-                                    'is {"type": "text", "text": "…"} or {"type": "image", "image": "path"}')
-            if not parts:
-                raise DataError(f"{rows.path} row {i}: {rows.content_column!r} holds no parts")
-            self.parts.append(parts)
+        self.conversations = rows.conversations
+        column = rows.messages_column if self.conversations else rows.content_column
+        self.parts, paths = [], []  # per row: [(role, parts)], parts ("text", str) or ("image", index into paths)
+        for i, row in rows.rows([column]):
+            where = f"{rows.path} row {i}"
+            if self.conversations:
+                messages = row[column] if isinstance(row[column], list) else [None]
+                turns = [self._turn(m, where, j, base, paths) for j, m in enumerate(messages)]
+            else:
+                turns = [(None, self._parts(row[column], where, column, base, paths))]
+            if not turns or not all(parts for _, parts in turns):
+                raise DataError(f"{where}: {column!r} holds no parts")
+            self.parts.append(turns)
         self.images = _PathImages(f"{self.name}_images", rows.path, paths, image_size, fit)
+
+    @staticmethod
+    def _turn(message, where, j, base, paths) -> tuple[str, list]:
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            raise DataError(f'{where}: message {j} is {message!r}; a message is {{"role": "user" | "assistant", '
+                            '"content": a string or a list of parts}')  # fmt: skip
+        content = message.get("content")
+        content = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        return message["role"], UserInterleavedSource._parts(content, f"{where} message {j}", "content", base, paths)
+
+    @staticmethod
+    def _parts(content, where, column, base, paths) -> list:
+        parts = []
+        for j, part in enumerate(content if isinstance(content, list) else [None]):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str) and part["text"].strip():
+                parts.append(("text", part["text"]))
+            elif kind == "image" and isinstance(part.get("image"), str):
+                parts.append(("image", len(paths)))
+                paths.append(str(base / part["image"]))
+            else:
+                raise DataError(f"{where}: part {j} of {column!r} is {part!r}; each part "
+                                'is {"type": "text", "text": "…"} or {"type": "image", "image": "path"}')
+        return parts
 
     def __len__(self) -> int:
         return len(self.parts)
 
     def rows(self, latents: torch.Tensor) -> list[list]:
-        """The rows with the images' latents (N, C, h, w) in place: lists of strings and (C, h, w) tensors."""
-        return [[value if kind == "text" else latents[value] for kind, value in parts] for parts in self.parts]
+        """The rows with the images' latents (N, C, h, w) in place: lists of strings and (C, h, w) tensors, or
+        conversations of such contents."""
+        def place(parts):
+            return [value if kind == "text" else latents[value] for kind, value in parts]
+
+        if self.conversations:
+            return [[{"role": role, "content": place(parts)} for role, parts in turns] for turns in self.parts]
+        return [place(turns[0][1]) for turns in self.parts]
 
 
 class _PathImages(ImageCaptionSource):
@@ -311,6 +343,8 @@ class UserDataset(Source):
         group.add_argument("--image-column", default="image", help="column of the images (default: image)")
         group.add_argument("--content-column", default="content",
                            help="column of interleaved rows: lists of text and image parts (default: content)")
+        group.add_argument("--messages-column", default="messages",
+                           help="column of conversations: lists of user/assistant turns (default: messages)")
         group.add_argument("--image-fit", choices=("pad", "crop"), default="pad",
                            help="fit images to the model's resolution: pad to a square (keep all) or centre-crop")
         group.add_argument("--resolution", type=int, help="image side in pixels; must be the model's (its default)")
