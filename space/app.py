@@ -1,4 +1,5 @@
-"""Transfusion Space: text → image, image → text and a chat whose replies can hold images, from one model.
+"""Transfusion Space: text → image, image editing by instruction, image → text and a chat whose replies can hold
+images, from one model.
 
     python space/app.py                                  # the bundled checkpoints/transfusion-tiny on 127.0.0.1:7860
     python space/app.py --model PATH_OR_HUB_ID --host 0.0.0.0 --port 7861 --concurrency 2
@@ -7,8 +8,14 @@
 As a Hugging Face Space (this folder is then the Space's repository root) the model is `checkpoints/transfusion-tiny`
 next to app.py, or the folder or Hub id in the `TRANSFUSION_MODEL` variable; see README.md.
 
-API (gradio_client): `/generate`, `/caption` and `/chat`. Inputs reach the handlers unprocessed (`preprocess=False`)
-so that every bad value — from the UI or the API — gets a message naming it and its accepted range.
+API (gradio_client): `/generate`, `/edit`, `/caption` and `/chat`. Inputs reach the handlers unprocessed
+(`preprocess=False`) so that every bad value — from the UI or the API — gets a message naming it and its accepted range.
+
+An edit is `pipe(instruction, image=source)`: the source image and the instruction make the user's turn, the edited
+image is drawn as the answer (image guidance > 0 adds InstructPix2Pix guidance; examples/ holds example sources). The
+chat hands the model the real conversation, the Chatbot's user and assistant turns with their text and images, laid out
+by the processor (`user:` … `assistant:` … `<|eos|>`); the oldest turns are dropped when it no longer fits the model's
+positions with the reply's new tokens and images.
 
 Every model call borrows one of N light copies of the pipeline (shared weights; own scheduler and tokenizer, because
 a scheduler keeps per-run state and a fast tokenizer refuses concurrent use), N being the queue's concurrency limit.
@@ -16,7 +23,9 @@ a scheduler keeps per-run state and a fast tokenizer refuses concurrent use), N 
 
 import argparse
 import atexit
+import bisect
 import copy
+import json
 import math
 import os
 import queue
@@ -48,11 +57,13 @@ APP_DIR = Path(__file__).resolve().parent
 # In the repository the app sits in space/ beside the `pipelines` package; as a Space, its folder is the root.
 ROOT = APP_DIR.parent if (APP_DIR.parent / "pipelines").is_dir() else APP_DIR
 DEFAULT_MODEL = ROOT / "checkpoints" / "transfusion-tiny"
+EXAMPLES_DIR = APP_DIR / "examples"  # the Edit tab's example source images (examples/make_examples.py)
 
 MAX_STEPS, MAX_GUIDANCE, MAX_IMAGES = 250, 20.0, 8
 MAX_SIDE, MAX_UPLOAD_MB = 4096, 20
 MAX_NEW_TOKENS, MAX_CHAT_IMAGES, MAX_TEMPERATURE = 256, 4, 2.0
 MAX_SEED = 2**31 - 1
+EMPTY_REPLY = "(the model gave an empty reply)"  # shown in the chat, never read back as the model's turn
 EXAMPLES = (
     "a photo of a dress",
     "a photo of a sneaker",
@@ -70,9 +81,11 @@ SCHEDULERS = {
 }
 FLOW_SCHEDULERS = {"Euler": (FlowMatchEulerDiscreteScheduler, {})}
 CSS = """
-#gallery img, #chatbot img, #caption-image img { image-rendering: pixelated; }
+#gallery img, #edited img, #chatbot img, #caption-image img, #edit-image img, #edit-examples img {
+  image-rendering: pixelated;
+}
 #chatbot .message img { width: 128px; height: 128px; object-fit: contain; }
-#caption-image img { width: 256px; height: 256px; object-fit: contain; }
+#caption-image img, #edit-image img { width: 256px; height: 256px; object-fit: contain; }
 """
 
 
@@ -240,11 +253,12 @@ def to_model_image(image: PIL.Image.Image, processor) -> tuple[PIL.Image.Image, 
     return image, f"{source} → {size}×{size} RGB" + (f" ({', '.join(steps)})" if steps else "")
 
 
-def read_image(file, processor) -> tuple[PIL.Image.Image, str]:
-    """An uploaded file → a model-ready image and a note, or a gr.Error saying why it cannot be read."""
+def read_image(file, processor, missing: str = "Upload an image first.") -> tuple[PIL.Image.Image, str]:
+    """An uploaded file → a model-ready image and a note, or a gr.Error saying why it cannot be read (`missing` when
+    there is no file)."""
     path = upload_path(file)
     if not path:
-        raise InputError("Upload an image first.")
+        raise InputError(missing)
     try:
         megabytes = os.path.getsize(path) / 2**20
     except OSError:
@@ -306,7 +320,7 @@ def stream_run(pool: PipelinePool, run, preview_every: int):
 
 # -- the app ---------------------------------------------------------------------------------------------------------
 class TransfusionSpace:
-    """Handlers of the three tabs around one loaded pipeline."""
+    """Handlers of the four tabs around one loaded pipeline."""
 
     def __init__(self, pipe, concurrency: int = 2):
         self.pipe = pipe
@@ -337,8 +351,16 @@ class TransfusionSpace:
         cls, overrides = self.schedulers[name]
         return cls.from_config(self.pipe.scheduler.config, **overrides)
 
-    def check_prompt_length(self, text: str, name: str) -> None:
-        limit = self.config.max_position_embeddings - self.image_cost - 1
+    def count_positions(self, row) -> int:
+        """The positions the processor lays `row` out in (a conversation, or text and images), `<|bos|>` included."""
+        with self.tokenizer_lock:
+            return len(self.pipe.processor(row)["input_ids"][0])
+
+    def check_prompt_length(self, text: str, name: str, around: list | None = None) -> None:
+        """`text` must leave room for the image to generate in the model's positions, next to `around` (the rest of
+        the row it goes into; None: only `<|bos|>`)."""
+        taken = 1 if around is None else self.count_positions(around)
+        limit = self.config.max_position_embeddings - self.image_cost - taken
         n = self.count_tokens(text)
         if n > limit:
             raise InputError(f"{name} is {n} tokens long; this model takes at most {limit}.")
@@ -357,37 +379,25 @@ class TransfusionSpace:
         seed = check_number(value, "Seed", -1, MAX_SEED, integer=True)
         return secrets.randbelow(MAX_SEED + 1) if seed == -1 else seed
 
-    # text → image
-    def generate(self, prompt, negative_prompt="", steps=None, guidance=3.0, seed=0, scheduler=None, num_images=1,
-                 progress=gr.Progress()):  # fmt: skip
-        """API defaults: no negative prompt, the checkpoint's own step count and scheduler, guidance 3, seed 0, one
-        image."""
-        steps = self.default_steps if steps is None else steps
-        scheduler = self.default_scheduler if scheduler is None else scheduler
-        prompt = check_text(prompt, "Prompt")
-        if not prompt:
-            raise InputError("Enter a prompt, e.g. 'a red circle'.")
-        negative_prompt = check_text(negative_prompt, "Negative prompt")
-        steps = check_number(steps, "Steps", 1, MAX_STEPS, integer=True)
+    # text → image and editing: one sampling run
+    def check_sampling(self, steps, guidance, scheduler) -> tuple[int, float, str]:
+        """Steps, guidance scale and scheduler name, checked (None: the checkpoint's own steps and scheduler)."""
+        steps = check_number(self.default_steps if steps is None else steps, "Steps", 1, MAX_STEPS, integer=True)
         guidance = check_number(guidance, "Guidance scale", 0, MAX_GUIDANCE)
-        num_images = check_number(num_images, "Number of images", 1, MAX_IMAGES, integer=True)
+        scheduler = self.default_scheduler if scheduler is None else scheduler
         if scheduler not in self.schedulers:
             raise InputError(f"Scheduler must be one of {', '.join(self.schedulers)}, got {scheduler!r}.")
-        self.check_prompt_length(prompt, "The prompt")
-        self.check_prompt_length(negative_prompt, "The negative prompt")
-        seed = self.seed(seed)
+        return steps, guidance, scheduler
+
+    def sample(self, call: dict, scheduler: str, seed: int, settings: str, progress):
+        """`pipe(**call)` with `scheduler` and `seed` on a borrowed pipeline: yields (previews, status) while denoising,
+        then (images, status); `settings` describes the run in the final status."""
+        steps = call["num_inference_steps"]
 
         def run(pipe, callback):
             pipe.scheduler = self.make_scheduler(scheduler)
-            return pipe(
-                prompt,
-                negative_prompt=negative_prompt or None,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                num_images_per_prompt=num_images,
-                generator=torch.Generator().manual_seed(seed),
-                callback_on_step_end=callback,
-            ).images
+            generator = torch.Generator().manual_seed(seed)
+            return pipe(**call, generator=generator, callback_on_step_end=callback).images
 
         started = time.perf_counter()
         progress(0, desc="Encoding the prompt")
@@ -400,10 +410,40 @@ class TransfusionSpace:
             else:
                 images = event[1]
         seconds = time.perf_counter() - started
-        noun = "image" if num_images == 1 else "images"
-        yield images, (
-            f"{num_images} {noun} in {seconds:.1f} s · {scheduler}, {steps} steps, guidance {guidance:g}, seed {seed}"
-        )
+        noun = "image" if len(images) == 1 else "images"
+        yield images, f"{len(images)} {noun} in {seconds:.1f} s · {scheduler}, {steps} steps, {settings}, seed {seed}"
+
+    def generate(self, prompt, negative_prompt="", steps=None, guidance=3.0, seed=0, scheduler=None, num_images=1,
+                 progress=gr.Progress()):  # fmt: skip
+        """API defaults: no negative prompt, the checkpoint's own step count and scheduler, guidance 3, seed 0, one
+        image."""
+        prompt = check_text(prompt, "Prompt")
+        if not prompt:
+            raise InputError("Enter a prompt, e.g. 'a red circle'.")
+        negative_prompt = check_text(negative_prompt, "Negative prompt")
+        steps, guidance, scheduler = self.check_sampling(steps, guidance, scheduler)
+        num_images = check_number(num_images, "Number of images", 1, MAX_IMAGES, integer=True)
+        self.check_prompt_length(prompt, "The prompt")
+        self.check_prompt_length(negative_prompt, "The negative prompt")
+        call = {"prompt": prompt, "negative_prompt": negative_prompt or None, "num_inference_steps": steps,
+                "guidance_scale": guidance, "num_images_per_prompt": num_images}  # fmt: skip
+        yield from self.sample(call, scheduler, self.seed(seed), f"guidance {guidance:g}", progress)
+
+    def edit(self, image, instruction, steps=None, guidance=3.0, image_guidance=0.0, seed=0, scheduler=None,
+             progress=gr.Progress()):  # fmt: skip
+        """The image edited as the instruction says. API defaults: the checkpoint's own step count and scheduler,
+        guidance 3, image guidance off (0), seed 0."""
+        picture, _ = read_image(image, self.pipe.processor, missing="Upload an image to edit, or pick an example.")
+        instruction = check_text(instruction, "Instruction")
+        if not instruction:
+            raise InputError("Enter an instruction, e.g. 'make the circle blue'.")
+        steps, guidance, scheduler = self.check_sampling(steps, guidance, scheduler)
+        image_guidance = check_number(image_guidance, "Image guidance scale", 0, MAX_GUIDANCE)
+        self.check_prompt_length(instruction, "The instruction", around=[{"role": "user", "content": [picture]}])
+        call = {"prompt": instruction, "image": picture, "num_inference_steps": steps, "guidance_scale": guidance,
+                "image_guidance_scale": image_guidance or None}  # fmt: skip
+        settings = f"guidance {guidance:g}, image guidance {f'{image_guidance:g}' if image_guidance else 'off'}"
+        yield from self.sample(call, scheduler, self.seed(seed), settings, progress)
 
     # image → text
     def caption(self, image, prompt="", max_new_tokens=32):
@@ -416,38 +456,41 @@ class TransfusionSpace:
         return f"{prompt} {text}".strip(), note
 
     # chat
-    def conversation_items(self, history: list, user_items: list, budget: int) -> list:
-        """The conversation as one stream of text and images (the model has no chat template), oldest parts dropped
-        so that it fits in `budget` positions."""
-        items = []
+    def history_messages(self, history: list) -> list[dict]:
+        """The Chatbot's history → the conversation's messages, `{"role": "user" | "assistant", "content": [text and
+        images]}`: the user's text and uploads, the assistant's text and the images this Space drew (gradio hands
+        both back as files in its upload folder). An image that is gone or unreadable is left out, and so is a message
+        left empty; an image from anywhere else is refused."""
+        messages = []
         for message in history:
-            content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+                continue
+            content = message.get("content")
+            parts = []
             for part in content if isinstance(content, list) else [content]:
+                if isinstance(part, dict) and part.get("type") == "text":
+                    part = part.get("text")
                 if isinstance(part, str):
-                    items.append(part)
-                elif isinstance(part, dict) and part.get("type") == "text":
-                    items.append(part.get("text", ""))
+                    parts += [part.strip()] if part.strip() and part != EMPTY_REPLY else []
                 elif isinstance(part, dict) and (part.get("type") == "file" or "path" in part):
                     try:
-                        items.append(read_image(part.get("file", part), self.pipe.processor)[0])
+                        parts.append(read_image(part.get("file", part), self.pipe.processor)[0])
                     except NotUploadedError:
                         raise  # a history may only hold images this server received or made
                     except gr.Error:
                         pass  # an earlier image that is gone or unreadable is left out of the context
-        merged = []
-        for item in items + user_items:
-            if isinstance(item, str) and merged and isinstance(merged[-1], str):
-                merged[-1] = f"{merged[-1]} {item}"
-            elif not (isinstance(item, str) and not item.strip()):
-                merged.append(item)
-        kept, used = [], 0
-        for item in reversed(merged):
-            cost = self.count_tokens(item) if isinstance(item, str) else self.image_cost
-            if used + cost > budget:
-                break
-            kept.append(item)
-            used += cost
-        return kept[::-1]
+            if parts:
+                messages.append({"role": message["role"], "content": parts})
+        return messages
+
+    def fit_conversation(self, messages: list[dict], budget: int) -> list[dict]:
+        """The latest turns of `messages` (which end with the new user turn) that the processor lays out in `budget`
+        positions, starting at a user turn: the oldest turns are dropped first. Empty when even the new turn does not
+        fit."""
+        starts = [i for i, message in enumerate(messages) if message["role"] == "user"]
+        # fewer turns never take more positions: the first start that fits, by bisection
+        k = bisect.bisect_left(starts, True, key=lambda start: self.count_positions(messages[start:]) <= budget)
+        return messages[starts[k]:] if k < len(starts) else []
 
     def chat(
         self,
@@ -461,6 +504,8 @@ class TransfusionSpace:
         seed=0,
         progress=gr.Progress(),
     ):
+        """The assistant's next turn: the history and the new message as a conversation (oldest turns dropped when it
+        does not fit), answered with the model's text and images."""
         history = [] if history is None else history
         steps = self.default_steps if steps is None else steps
         message = message if isinstance(message, dict) else {"text": message, "files": []}
@@ -477,13 +522,16 @@ class TransfusionSpace:
         if not isinstance(history, list):
             raise InputError("The chat history must be a list of messages.")
         pictures = [read_image(f, self.pipe.processor)[0] for f in files]
-        budget = self.config.max_position_embeddings - 1 - max_new_tokens - max_images * self.image_cost
-        if budget < sum(self.image_cost for _ in pictures) + (self.count_tokens(text) if text else 0):
+        turn = {"role": "user", "content": [*pictures, *([text] if text else [])]}  # images first, as in an edit
+        budget = self.config.max_position_embeddings - max_new_tokens - max_images * self.image_cost
+        # a message takes at least two positions (its role and some content): older ones can never fit
+        recent = history[len(history) - max(budget, 0) // 2 :]
+        messages = self.fit_conversation([*self.history_messages(recent), turn], budget)
+        if not messages:
             raise InputError(
                 f"The message does not fit in this model's {self.config.max_position_embeddings} positions with "
                 f"{max_new_tokens} new tokens and {max_images} images; shorten it or lower those settings."
             )
-        items = self.conversation_items(history, [*pictures, text], budget)
 
         user = {"role": "user", "content": [*({"path": upload_path(f)} for f in files), *([text] if text else [])]}
         history = [*history, user]
@@ -491,8 +539,9 @@ class TransfusionSpace:
 
         def run(pipe, callback):
             pipe.scheduler = self.make_scheduler(self.default_scheduler)
+            # what pipe.chat(messages) runs, with the step callback it does not take (previews, cancellation)
             return pipe.generate_interleaved(
-                items,
+                pipe.processor.conversation_prompt(messages),
                 max_new_tokens=max_new_tokens,
                 max_images=max_images,
                 num_inference_steps=steps,
@@ -519,7 +568,33 @@ class TransfusionSpace:
                     for part in event[1]
                     if not isinstance(part, str) or part.strip()
                 ]
-        yield [*history, {"role": "assistant", "content": reply or "(the model gave an empty reply)"}], None
+        yield [*history, {"role": "assistant", "content": reply or EMPTY_REPLY}], None
+
+
+def edit_examples() -> list[list[str]]:
+    """[source image, instruction] of the example edits shipped in examples/ (edits.json); none without them."""
+    index = EXAMPLES_DIR / "edits.json"
+    if not index.is_file():
+        return []
+    examples = [(EXAMPLES_DIR / e["image"], e["instruction"]) for e in json.loads(index.read_text())]
+    return [[str(image), instruction] for image, instruction in examples if image.is_file()]
+
+
+# the sampling settings the tabs share
+def steps_input(space: TransfusionSpace) -> gr.Slider:
+    return gr.Slider(1, MAX_STEPS, value=space.default_steps, step=1, precision=0, label="Steps")
+
+
+def guidance_input(label: str = "Guidance scale", value: float = 3.0) -> gr.Slider:
+    return gr.Slider(0, MAX_GUIDANCE, value=value, step=0.1, label=label)
+
+
+def scheduler_input(space: TransfusionSpace) -> gr.Dropdown:
+    return gr.Dropdown(list(space.schedulers), value=space.default_scheduler, label="Scheduler")
+
+
+def seed_input() -> gr.Number:
+    return gr.Number(0, label="Seed (-1: random)", precision=0, minimum=-1, maximum=MAX_SEED)
 
 
 def build_demo(pipe, concurrency: int = 2, model_name: str | None = None) -> gr.Blocks:
@@ -543,14 +618,11 @@ def build_demo(pipe, concurrency: int = 2, model_name: str | None = None) -> gr.
                     negative = gr.Textbox("", label="Negative prompt", placeholder="optional",
                                           elem_id="negative-prompt")
                     with gr.Row():
-                        steps = gr.Slider(1, MAX_STEPS, value=space.default_steps, step=1, precision=0, label="Steps")
-                        guidance = gr.Slider(0, MAX_GUIDANCE, value=3.0, step=0.1, label="Guidance scale")
+                        steps, guidance = steps_input(space), guidance_input()
                     with gr.Row():
-                        scheduler = gr.Dropdown(
-                            list(space.schedulers), value=space.default_scheduler, label="Scheduler"
-                        )
+                        scheduler = scheduler_input(space)
                         num_images = gr.Slider(1, MAX_IMAGES, value=4, step=1, precision=0, label="Number of images")
-                    seed = gr.Number(0, label="Seed (-1: random)", precision=0, minimum=-1, maximum=MAX_SEED)
+                    seed = seed_input()
                     with gr.Row():
                         generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                         stop_btn = gr.Button("Stop", variant="stop")
@@ -570,6 +642,46 @@ def build_demo(pipe, concurrency: int = 2, model_name: str | None = None) -> gr.
                 **limits,
             )
             stop_btn.click(None, cancels=[generating], api_visibility="private")
+
+        with gr.Tab("Edit"):
+            with gr.Row():
+                with gr.Column():
+                    edit_image = gr.Image(
+                        label="Image to edit (any size or mode)",
+                        type="filepath",
+                        sources=["upload", "clipboard"],
+                        height=320,
+                        elem_id="edit-image",
+                    )
+                    instruction = gr.Textbox(label="Instruction", placeholder="make the circle blue",
+                                             elem_id="instruction")  # fmt: skip
+                    with gr.Row():
+                        edit_steps, edit_guidance = steps_input(space), guidance_input()
+                        image_guidance = guidance_input("Image guidance scale (0: off)", value=0.0)
+                    with gr.Row():
+                        edit_scheduler, edit_seed = scheduler_input(space), seed_input()
+                    with gr.Row():
+                        edit_btn = gr.Button("Edit", variant="primary", elem_id="edit-btn")
+                        edit_stop = gr.Button("Stop", variant="stop")
+                with gr.Column():
+                    edited = gr.Gallery(
+                        label="Edited image", columns=2, height=360, object_fit="contain", format="png",
+                        elem_id="edited",
+                    )
+                    edit_status = gr.Markdown(label="Status", elem_id="edit-status")
+            examples = edit_examples()
+            if examples:
+                gr.Examples(examples, inputs=[edit_image, instruction], label="Example edits", elem_id="edit-examples")
+            editing = gr.on(
+                [edit_btn.click, instruction.submit],
+                space.edit,
+                inputs=[edit_image, instruction, edit_steps, edit_guidance, image_guidance, edit_seed, edit_scheduler],
+                outputs=[edited, edit_status],
+                api_name="edit",
+                show_progress_on=[edit_status],
+                **limits,
+            )
+            edit_stop.click(None, cancels=[editing], api_visibility="private")
 
         with gr.Tab("Image → text"):
             with gr.Row():
@@ -613,9 +725,7 @@ def build_demo(pipe, concurrency: int = 2, model_name: str | None = None) -> gr.
                     chat_images = gr.Slider(0, MAX_CHAT_IMAGES, value=1, step=1, precision=0, label="Images per reply")
                     chat_temperature = gr.Slider(0, MAX_TEMPERATURE, value=0, step=0.05, label="Temperature")
                 with gr.Row():
-                    chat_steps = gr.Slider(1, MAX_STEPS, value=space.default_steps, step=1, precision=0, label="Steps")
-                    chat_guidance = gr.Slider(0, MAX_GUIDANCE, value=3.0, step=0.1, label="Guidance scale")
-                    chat_seed = gr.Number(0, label="Seed (-1: random)", precision=0, minimum=-1, maximum=MAX_SEED)
+                    chat_steps, chat_guidance, chat_seed = steps_input(space), guidance_input(), seed_input()
             chat_settings = [chat_tokens, chat_images, chat_steps, chat_guidance, chat_temperature, chat_seed]
             gr.Examples([[{"text": e, "files": []}] for e in EXAMPLES[2:]], inputs=[chat_input], label="Try")
             chat_input.submit(
@@ -624,7 +734,7 @@ def build_demo(pipe, concurrency: int = 2, model_name: str | None = None) -> gr.
                 outputs=[chatbot, chat_input],
                 api_name="chat",
                 show_progress="minimal",
-            show_progress_on=[chatbot],
+                show_progress_on=[chatbot],
                 **limits,
             )
     demo.queue(default_concurrency_limit=concurrency, max_size=64)
