@@ -129,6 +129,7 @@ class TransfusionDiffusionObjective:
         image_is_input: torch.Tensor | None = None,
         drop_captions: bool | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        num_images_in_batch: int | torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         **model_kwargs,
     ) -> TransfusionObjectiveOutput:
@@ -137,7 +138,8 @@ class TransfusionDiffusionObjective:
         `image_timesteps` fixes the timesteps instead of drawing them; `image_is_input` (N,) marks the images given
         as inputs (clean, t = 0, no loss; see the module docstring); `drop_captions` defaults to `model.training`;
         `num_items_in_batch` is the count of LM targets across all parts of a (micro-)batch, so losses of parts add up
-        to the batch mean (transformers' `loss_function` convention)."""
+        to the batch mean (transformers' `loss_function` convention); `num_images_in_batch` likewise counts the
+        generated images of all parts, so their diffusion losses add up to the batch's mean over images."""
         from .modeling_transfusion import image_block_ids
 
         c = self.config
@@ -187,6 +189,8 @@ class TransfusionDiffusionObjective:
             predictions = outputs.image_predictions
         if target is not None:
             diffusion_loss = F.mse_loss(predictions.float(), target.float())
+            if num_images_in_batch is not None:  # this part's share of the batch mean
+                diffusion_loss = diffusion_loss * (len(target) / num_images_in_batch)
             loss = lm_loss + c.diffusion_loss_weight * diffusion_loss
         return TransfusionObjectiveOutput(
             loss=loss, lm_loss=lm_loss, diffusion_loss=diffusion_loss, image_timesteps=image_timesteps, outputs=outputs

@@ -121,10 +121,12 @@ def test_collator_hands_on_which_images_are_inputs(processor):
         {"index": 1, "kind": "text", "text": "some text", "latent": None, "window": 0.0},
         {"index": 2, "kind": "interleaved", "text": None, "latent": None, "window": 0.0, "items": edit},
     ]
-    parts = TransfusionCollator(processor)(examples)["parts"]
-    image_part = parts[1]
-    assert image_part["image_is_input"].tolist() == [False, True, False]
-    torch.testing.assert_close(image_part["image_latents"], torch.stack([latent(0, c), latent(1, c), latent(2, c)]))
+    text, captions, conversations = TransfusionCollator(processor)(examples)["parts"]  # each padded to its own rows
+    assert "image_latents" not in text and captions["image_is_input"].tolist() == [False]
+    assert conversations["image_is_input"].tolist() == [True, False]
+    torch.testing.assert_close(conversations["image_latents"], torch.stack([latent(1, c), latent(2, c)]))
+    (one,) = TransfusionCollator(processor, split_text=False)(examples)["parts"]
+    assert one["image_is_input"].tolist() == [False, True, False]
 
 
 # -- the generated data -------------------------------------------------------------------------------------------
@@ -340,3 +342,16 @@ def test_chat_image_guidance_keeps_the_conversation_images(pipe, monkeypatch):
     boi = pipe.processor.special_ids["boi"]
     assert ids.shape[0] == 2 and n_images == 1  # the image-only row and the empty row
     assert ids[0].eq(boi).sum() == 2 and ids[1].eq(boi).sum() == 1
+
+
+def test_parts_diffusion_losses_add_up_to_the_batch_mean_over_generated_images(processor):
+    """A part's diffusion loss is its mean over its generated images times their share of the micro-batch's."""
+    model = tiny_model()
+    objective = TransfusionDiffusionObjective(model.config)
+    batch = edit_batch(processor, model.config)
+    edit = {k: v[:1] for k, v in batch.items() if k not in ("image_latents", "image_is_input", "pixel_values")}
+    edit |= {"image_latents": batch["image_latents"][:2], "image_is_input": batch["image_is_input"][:2]}
+    kwargs = dict(image_timesteps=torch.tensor([0, 400]), drop_captions=False)
+    alone = objective(model, **edit, **kwargs, generator=torch.Generator().manual_seed(0))
+    shared = objective(model, **edit, **kwargs, num_images_in_batch=4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(shared.diffusion_loss, alone.diffusion_loss / 4)  # 1 generated image of 4

@@ -330,10 +330,10 @@ class TransfusionCollator:
 
     A part is a model batch: ``input_ids``, ``attention_mask``, ``labels`` (right padded), ``image_latents``
     (N, C, h, w) for its images in row-major order and ``image_is_input`` (N,) (the images a conversation gives, kept
-    clean; both absent when it has no image). With ``split_text`` (default) the text
-    rows and the image rows of the micro-batch are two parts, text first, each padded to its own longest row: a text
-    row is two to three times longer than an image row, and one padded batch would spend about half its compute on
-    padding. Without it (or when one kind is absent) there is a single part.
+    clean; both absent when it has no image). With ``split_text`` (default) the text rows, the caption rows and the
+    interleaved rows (conversations, edits) of the micro-batch are up to three parts in that order, each padded to its
+    own longest row: a text row is two to three times longer than a caption row, an edit two to four times, and one
+    padded batch would spend about half its compute on padding. Without it there is a single part.
     """
 
     def __init__(self, processor, max_text_tokens: int = 64, split_text: bool = True):
@@ -382,9 +382,9 @@ class TransfusionCollator:
             kept.append(row_ids.tolist())
         groups = [list(range(len(examples)))]
         if self.split_text:
-            text = [i for i, ex in enumerate(examples) if ex["kind"] == "text"]
-            image = [i for i, ex in enumerate(examples) if ex["kind"] != "text"]
-            groups = [g for g in (text, image) if g]
+            kind = {"text": 0, "interleaved": 2}
+            groups = [[i for i, ex in enumerate(examples) if kind.get(ex["kind"], 1) == k] for k in range(3)]
+            groups = [g for g in groups if g]
         parts = [self._part([kept[i] for i in g], [k for i in g for k in images_of[i]], enc) for g in groups]
         return {"example_index": torch.tensor([ex["index"] for ex in examples], dtype=torch.long), "parts": parts}
 

@@ -96,14 +96,16 @@ def micro_seed(seed: int, micro_index: int) -> int:
 
 
 def forward_backward(accelerator, model, objective, parts: list[dict]) -> torch.Tensor:
-    """Forward and backward of one micro-batch, given as parts (its text rows and its image rows, see the collator).
+    """Forward and backward of one micro-batch, given as parts (its text, caption and interleaved rows: the collator).
 
     The loss is the micro-batch's L = L_LM + λ·L_diffusion with L_LM the mean over all its target tokens: every part
     gets `num_items_in_batch` = the micro-batch's count of targets (before caption dropout), so its LM loss is its
-    sum over the micro-batch's count and the parts' LM losses add up to the micro-batch mean. Every part but the last
+    sum over the micro-batch's count and the parts' LM losses add up to the micro-batch mean; the diffusion losses
+    likewise (`num_images_in_batch`, the generated images of the micro-batch). Every part but the last
     runs without DDP gradient sync; the image part comes last, so the synchronising backward reaches every weight.
     Returns the log's sums: loss, LM loss, diffusion loss, 1 if it had images, 1, tokens, positions computed."""
     total = sum(int((part["labels"][:, 1:] != -100).sum()) for part in parts)
+    images = sum(int((~part["image_is_input"]).sum()) for part in parts if "image_is_input" in part)
     stats = torch.zeros(7, dtype=torch.float64, device=accelerator.device)  # on the device: no sync per part
     stats[4] = 1.0
     for j, part in enumerate(parts):
@@ -111,7 +113,8 @@ def forward_backward(accelerator, model, objective, parts: list[dict]) -> torch.
         stats[6] += float(part["attention_mask"].numel())
         part = {k: v.to(accelerator.device, non_blocking=True) for k, v in part.items()}
         with accelerator.no_sync(model) if j < len(parts) - 1 else contextlib.nullcontext():
-            out = objective(model, **part, num_items_in_batch=total or None)  # = L_LM share + λ·L_diffusion(part)
+            out = objective(model, **part, num_items_in_batch=total or None,
+                            num_images_in_batch=images or None)  # = L_LM share + λ·L_diffusion share
             loss = out.loss
             if not loss.requires_grad and j == len(parts) - 1:
                 # text rows with the text side frozen (--freeze-text) have nothing to learn, but the synchronising
