@@ -1,4 +1,4 @@
-"""Bad inputs to the pipeline — text→image, caption(), generate_interleaved() and the saved folder it loads from:
+"""Bad inputs to the pipeline — text→image, editing, caption(), generate_interleaved(), chat() and the saved folder:
 each refused before any work with a message that names the argument and what is allowed (never an IndexError from
 inside diffusers, a silent default, a NaN image or a minute of wasted sampling)."""
 
@@ -163,6 +163,63 @@ def test_interleaved_bad_arguments(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pipe.generate_interleaved(**kwargs)
     assert pipe.generate_interleaved("a", max_new_tokens=1, max_images=0).items is not None
+
+
+# -- editing ----------------------------------------------------------------------------------------------------------
+SOURCE = np.zeros((32, 32, 3), np.uint8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"image": "photo.png"}, r"image must be a PIL image, a uint8 array, a \(3, H, W\) tensor in \[-1, 1\], or a"),
+        ({"image": []}, r"image must be a PIL image"),
+        ({"image": [SOURCE, None]}, r"got \['ndarray', 'NoneType'\]"),
+        ({"image": [SOURCE] * 3}, r"image: 3 images for 1 prompts; give one image, or one per prompt"),
+        ({"image": SOURCE.astype(np.float32)}, r"A numpy image must be uint8"),
+        ({"image": torch.ones(3, 32, 32) * 5}, r"An image tensor must be \(3, H, W\) in \[-1, 1\]"),
+        ({"image": torch.full((3, 32, 32), float("nan"))}, r"NaN or infinite"),
+        ({"image": SOURCE, "image_guidance_scale": float("nan")}, r"image_guidance_scale must be a finite number ≥ 0"),
+        ({"image": SOURCE, "image_guidance_scale": "1.5"}, r"image_guidance_scale must be a finite number ≥ 0"),
+        ({"image_guidance_scale": 1.5}, r"image_guidance_scale=1.5 guides towards the image to edit: pass image="),
+        ({"image": SOURCE, "prompt": "a " * 400}, r"prompt 0 is \d+ tokens long: with the 16 positions"),
+    ],
+)
+def test_edit_bad_inputs(pipe, kwargs, message):
+    kwargs = {"prompt": "make it blue", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        pipe(**kwargs, num_inference_steps=1)
+    works(pipe)
+
+
+# -- chat -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ("hello", r"messages must be a non-empty list of \{\"role\": \"user\" \| \"assistant\""),
+        ([], r"messages must be a non-empty list"),
+        ([{"role": "assistant", "content": "hi"}], r"ending with a user turn"),
+        ([{"role": "user"}], r"message 0 of a conversation is \{'role': 'user'\}"),
+        ([{"role": "user", "content": 3}], r"message 0 of a conversation is"),
+        ([{"role": "bot", "content": "hi"}, {"role": "user", "content": "hi"}], r"message 0 of a conversation"),
+        ([{"role": "user", "content": ["draw", "photo.png", {"image": "x"}]}], r"message 0 of a conversation"),
+        ([{"role": "user", "content": "a " * 400}], r"prompt row 0 is \d+ tokens long"),
+    ],
+)
+def test_chat_bad_conversations(pipe, messages, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.chat(messages, max_new_tokens=2, num_inference_steps=1)
+    assert pipe.chat([{"role": "user", "content": "hi"}], max_new_tokens=1, max_images=0).message["role"] == "assistant"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"max_new_tokens": 0}, TOKENS), ({"image_guidance_scale": -2.0}, r"image_guidance_scale must be a finite number"),
+     ({"max_images": -1}, r"max_images must be an integer ≥ 0")],
+)
+def test_chat_bad_arguments(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.chat([{"role": "user", "content": "hi"}], **kwargs)
 
 
 # -- the saved folder -------------------------------------------------------------------------------------------------
