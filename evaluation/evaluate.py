@@ -538,7 +538,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("edit_prompts", "instruct_prompts", "qa_questions"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; must be ≥ 1")
-    for name in ("caption_per_class", "caption_shapes", "vae_per_class", "fd_reference_per_class"):
+    for name in ("caption_per_class", "caption_shapes", "vae_per_class", "fd_reference_per_class",
+                 "instruct_fashion_per_class"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; must be ≥ 0")
     if max(args.num_per_class, args.caption_per_class, args.vae_per_class, args.fd_reference_per_class) > 500:
@@ -592,7 +593,8 @@ def main(argv=None) -> dict | str:
     saved_scheduler = type(pipe.scheduler).__name__
     set_scheduler(pipe, args.scheduler, args.scheduler_config)
     args.steps = args.steps or default_steps(pipe)
-    needs_classifier = {"fashion", "vae"} & set(args.tasks) or ("caption" in args.tasks and args.caption_per_class)
+    needs_classifier = {"fashion", "vae"} & set(args.tasks) or ("caption" in args.tasks and args.caption_per_class) or (
+        "instruct" in args.tasks and args.instruct_fashion_per_class)
     ref = None
     if needs_classifier:
         from evaluation.classifier import load_classifier
@@ -631,7 +633,7 @@ def main(argv=None) -> dict | str:
                 labels = [x for e, _ in pairs[:16] for x in (e.instruction, "edited", "asked for")]
                 save_grid(np.stack(tiles), labels, out.with_name(out.stem + "-edit.png"), columns=9)
         elif task == "instruct":
-            results[task] = instruct.eval_instruct(pipe, args, item_seed)
+            results[task] = instruct.eval_instruct(pipe, args, item_seed, ref)
         elif task == "qa":
             results[task] = instruct.eval_qa(pipe, args)
         seconds[task] = round(time.time() - t0, 2)
@@ -667,6 +669,7 @@ def main(argv=None) -> dict | str:
             "edit_prompts": args.edit_prompts,
             "image_guidance": args.image_guidance,
             "instruct_prompts": args.instruct_prompts,
+            "instruct_fashion_per_class": args.instruct_fashion_per_class,
             "qa_questions": args.qa_questions,
             "fd_reference_per_class": args.fd_reference_per_class,
             "classifier": args.classifier,

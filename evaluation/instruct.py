@@ -7,8 +7,8 @@ match:
   objects the instruction did not name are still there, same colour, shape and place. Two references: the detector
   on the true edited scene (the ceiling) and on the unchanged source (what "do nothing" scores).
 - ``instruct``  instruction-phrased text→image through `pipe.chat`: the held-out GenEval-style prompts of the
-  ``shapes`` task phrased as requests ("please draw …"); scored per category as there, plus the share of replies
-  that hold an image at all.
+  ``shapes`` task phrased as requests ("please draw …"), scored per category as there, and Fashion-MNIST requests
+  ("show me a photo of a bag"), scored by the classifier; plus the share of replies that hold an image at all.
 - ``qa``        questions about held-out scenes through `pipe.chat` ("what colour is the circle?", "how many
   squares are there?", "is there a blue square?", "what is in this picture?"): exact-match accuracy, per kind.
 """
@@ -31,6 +31,8 @@ def add_arguments(group) -> None:
     group.add_argument("--image-guidance", type=float,
                        help="edit: image guidance scale (InstructPix2Pix; default none)")
     group.add_argument("--instruct-prompts", type=int, default=100, help="instruct: held-out requests to draw")
+    group.add_argument("--instruct-fashion-per-class", type=int, default=10,
+                       help="instruct: Fashion-MNIST requests per class (0: none)")
     group.add_argument("--qa-questions", type=int, default=200, help="qa: questions about held-out scenes")
 
 
@@ -76,8 +78,18 @@ def eval_edit(pipe, args, item_seed) -> tuple[dict, list]:
     return result, list(zip(edits, edited))
 
 
-def eval_instruct(pipe, args, item_seed) -> dict:
+def _draw(pipe, request: str, args, seed: int) -> np.ndarray | None:
+    """The first image of the reply to a request to draw, or None when the reply holds none."""
+    out = pipe.chat([{"role": "user", "content": request}], max_new_tokens=8, max_images=1,
+                    num_inference_steps=args.steps, guidance_scale=args.guidance,
+                    generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    images = [x for x in out.message["content"] if isinstance(x, PIL.Image.Image)]
+    return _rgb(images[0]) if images else None
+
+
+def eval_instruct(pipe, args, item_seed, ref=None) -> dict:
     from evaluation.detector import detect, score_prompt
+    from training.datasets import FASHION_CLASSES, fashion_caption, rgb_to_tensor
 
     prompts = heldout_prompts(args.instruct_prompts, seed=args.data_seed)
     rng = np.random.default_rng([args.data_seed, 30])
@@ -85,21 +97,29 @@ def eval_instruct(pipe, args, item_seed) -> dict:
     passed, answered = {c: [] for c in EVAL_CATEGORIES}, []
     for i, (prompt, request) in enumerate(tqdm(list(zip(prompts, requests)), desc="instruct", dynamic_ncols=True,
                                                mininterval=5)):  # fmt: skip
-        out = pipe.chat([{"role": "user", "content": request}], max_new_tokens=8, max_images=1,
-                        num_inference_steps=args.steps, guidance_scale=args.guidance,
-                        generator=torch.Generator().manual_seed(item_seed(args.seed, STREAM_INSTRUCT, i)))  # fmt: skip
-        images = [x for x in out.message["content"] if isinstance(x, PIL.Image.Image)]
-        answered.append(bool(images))
-        ok = bool(images) and score_prompt(prompt.spec, detect(_rgb(images[0])))[prompt.category]
-        passed[prompt.category].append(bool(ok))
+        image = _draw(pipe, request, args, item_seed(args.seed, STREAM_INSTRUCT, i))
+        answered.append(image is not None)
+        passed[prompt.category].append(image is not None and bool(score_prompt(prompt.spec, detect(image))[
+            prompt.category]))  # fmt: skip
     categories = {c: float(np.mean(v)) for c, v in passed.items() if v}
-    return {
+    result = {
         "n": len(prompts),
         "answered_with_image": float(np.mean(answered)),
         "overall": float(np.mean(list(categories.values()))),
         "categories": categories,
         "examples": requests[:10],
     }
+    if ref is not None and args.instruct_fashion_per_class:
+        labels = [c for c in range(len(FASHION_CLASSES)) for _ in range(args.instruct_fashion_per_class)]
+        fashion_requests = [draw_request(fashion_caption(c), rng) for c in labels]
+        drawn = [_draw(pipe, r, args, item_seed(args.seed, STREAM_INSTRUCT + 10, i))
+                 for i, r in enumerate(tqdm(fashion_requests, desc="instruct fashion", mininterval=5))]  # fmt: skip
+        blank = np.zeros((32, 32, 3), np.uint8)
+        x = torch.cat([rgb_to_tensor(d if d is not None else blank) for d in drawn])
+        right = (ref.classifier.predict(x) == torch.tensor(labels)) & torch.tensor([d is not None for d in drawn])
+        result["fashion"] = {"n": len(labels), "accuracy": float(right.float().mean()),
+                             "answered_with_image": float(np.mean([d is not None for d in drawn]))}  # fmt: skip
+    return result
 
 
 def normalise(answer: str) -> str:
@@ -149,6 +169,8 @@ def summary_rows(res: dict) -> dict:
         rows["instruct: answered with an image"] = i["answered_with_image"]
         rows["instruct: GenEval overall"] = i["overall"]
         rows |= {f"instruct: {c.replace('_', ' ')}": v for c, v in i["categories"].items()}
+        if "fashion" in i:
+            rows["instruct: Fashion-MNIST requests, accuracy"] = i["fashion"]["accuracy"]
     if "qa" in res:
         q = res["qa"]
         rows["qa: accuracy"] = q["accuracy"]

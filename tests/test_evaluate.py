@@ -20,7 +20,7 @@ TINY_COUNTS = [
     "--steps", "2", "--num-per-class", "2", "--shapes-prompts", "5", "--caption-per-class", "1",
     "--caption-shapes", "4", "--caption-max-tokens", "3", "--vae-per-class", "2", "--fd-reference-per-class", "10",
     "--text-max-chunks", "3", "--text-window", "16", "--threads", "1", "--edit-prompts", "5", "--instruct-prompts", "3",
-    "--qa-questions", "6",
+    "--qa-questions", "6", "--instruct-fashion-per-class", "1",
 ]  # fmt: skip
 
 
@@ -82,6 +82,7 @@ def test_cli_writes_a_complete_report(folders, tmp_path):
     assert edit["detector_on_targets"]["success"] == 1.0 and edit["detector_on_targets"]["preserved"] == 1.0
     assert edit["unchanged_source"]["preserved"] == 1.0
     assert res["instruct"]["n"] == 3 and 0 <= res["instruct"]["answered_with_image"] <= 1
+    assert res["instruct"]["fashion"]["n"] == 10
     assert res["qa"]["n"] == 6 and sum(res["qa"]["by_kind_n"].values()) == 6
     assert (tmp_path / "tiny-edit.png").exists()
     assert all(math.isfinite(v) for v in numbers(report))
