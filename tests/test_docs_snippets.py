@@ -1,9 +1,10 @@
-"""Every ```python snippet in README.md and in the bundled model card runs as written.
+"""Every ```python snippet in README.md, docs/instruct.md and the bundled model card runs as written.
 
 Each snippet runs on its own in a fresh interpreter (one torch thread, offline), so a snippet that leans on a name it
 does not define (an `image` from nowhere) fails here as it would for a reader.
 
-- README.md snippets run with the repository root as the working directory, as the README tells a reader to.
+- README.md and docs/instruct.md snippets run with the repository root as the working directory, as the README tells
+  a reader to.
 - Model card snippets run as a Hub user runs them: the working directory is an empty temporary folder and this
   repository's packages are blocked (`conftest.outside_repo_env`; `make` installs them editable into the
   environment), so only the folder's own code is used. The one
@@ -38,6 +39,7 @@ def python_blocks(path: Path) -> list[str]:
 
 SNIPPETS = [("README", i, code) for i, code in enumerate(python_blocks(README), 1)]
 SNIPPETS += [("card", i, code.replace(PLACEHOLDER, str(CARD_FOLDER))) for i, code in enumerate(python_blocks(CARD), 1)]
+SNIPPETS += [("instruct", i, code) for i, code in enumerate(python_blocks(ROOT / "docs" / "instruct.md"), 1)]
 
 
 def snippet_env(tmp_path: Path, outside_repo: bool = True) -> dict:
@@ -74,9 +76,9 @@ def test_card_snippets_cannot_import_the_repository(tmp_path):
 
 @pytest.mark.parametrize("name,index,code", SNIPPETS, ids=[f"{n}-{i}" for n, i, _ in SNIPPETS])
 def test_snippet_runs(name, index, code, tmp_path):
-    cwd = ROOT if name == "README" else tmp_path / "user"
+    cwd = ROOT if name != "card" else tmp_path / "user"
     cwd.mkdir(exist_ok=True)
-    out = run_snippet(code, cwd, snippet_env(tmp_path, outside_repo=name != "README"))
+    out = run_snippet(code, cwd, snippet_env(tmp_path, outside_repo=name == "card"))
     log = out.stdout + out.stderr
     assert out.returncode == 0, f"{name} snippet {index} failed:\n{code}\n--- output ---\n{log[-4000:]}"
     report = [line for line in log.splitlines() if re.search(r"\b(MISSING|UNEXPECTED)\b", line)]
