@@ -1,6 +1,7 @@
-"""The Space's API from outside: files it never received are not read (no server file can be captioned, no answer
-tells whether a path exists, a FIFO blocks nothing), optional inputs are optional, outputs are named, integers are
-integers, handled input errors log one line. After every bad request a normal one still succeeds."""
+"""The Space's API from outside: files it never received are not read (no server file can be captioned or edited, no
+answer tells whether a path exists, a FIFO blocks nothing), bad edits get messages naming the field, optional inputs are
+optional, outputs are named, integers are integers, handled input errors log one line. After every bad request a normal
+one still succeeds."""
 
 import os
 import time
@@ -59,6 +60,53 @@ def test_a_server_file_that_was_not_uploaded_is_never_read(client, picture, tmp_
     assert len(set(answers)) == 1  # an existing and a missing path get the same answer: no oracle
 
 
+def test_edit_never_reads_a_server_file(client, picture, tmp_path):
+    secret = tmp_path / "secret.png"
+    PIL.Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8)).save(secret)
+    answers = []
+    for path in (secret, tmp_path / "missing.png", "/etc/passwd"):
+        with pytest.raises(AppError) as info:
+            client.predict(raw_file(path), "make it blue", 2, api_name="/edit")
+        answers.append(str(info.value))
+    assert all(NOT_UPLOADED in a for a in answers) and len(set(answers)) == 1, answers
+    still_serves(client, picture)
+
+
+GOOD_EDIT = ("make the circle blue", 2, 3.0, 0, 0, "DDIM")
+
+
+@pytest.mark.parametrize(
+    "image, args, message",
+    [
+        (False, GOOD_EDIT, "Upload an image to edit, or pick an example"),
+        (True, ("", *GOOD_EDIT[1:]), "Enter an instruction, e.g. 'make the circle blue'"),
+        (True, ("   ", *GOOD_EDIT[1:]), "Enter an instruction"),
+        (True, (42, *GOOD_EDIT[1:]), "Instruction must be text, got int"),
+        (True, ("circle " * 400, *GOOD_EDIT[1:]), "The instruction is \\d+ tokens long; this model takes at most \\d+"),
+        (True, ("make it blue", 0, 3.0, 0, 0, "DDIM"), "Steps must be from 1 to 250, got 0"),
+        (True, ("make it blue", 2.5, 3.0, 0, 0, "DDIM"), "Steps must be a whole number from 1 to 250, got 2.5"),
+        (True, ("make it blue", 2, 21, 0, 0, "DDIM"), "Guidance scale must be from 0 to 20, got 21"),
+        (True, ("make it blue", 2, 3.0, -1, 0, "DDIM"), "Image guidance scale must be from 0 to 20, got -1"),
+        (True, ("make it blue", 2, 3.0, "lots", 0, "DDIM"), "Image guidance scale must be a number from 0 to 20"),
+        (True, ("make it blue", 2, 3.0, 0, -2, "DDIM"), "Seed must be from -1 to"),
+        (True, ("make it blue", 2, 3.0, 0, 0, "LMS"), "Scheduler must be one of DDIM"),
+    ],
+)
+def test_bad_edit_inputs_name_the_field(client, picture, image, args, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(handle_file(str(picture)) if image else None, *args, api_name="/edit")
+    still_serves(client, picture)
+
+
+def test_a_corrupt_image_to_edit_is_a_clear_error(client, picture, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(2000))
+    with pytest.raises(AppError, match="Could not read the upload as an image"):
+        client.predict(handle_file(str(broken)), *GOOD_EDIT, api_name="/edit")
+    images, status = client.predict(handle_file(str(picture)), *GOOD_EDIT, api_name="/edit")
+    assert len(images) == 1 and "image guidance off" in status
+
+
 def test_a_fifo_path_returns_at_once_and_blocks_no_worker(client, picture, tmp_path):
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
@@ -85,9 +133,10 @@ def test_chat_cannot_smuggle_a_server_file(client, picture, tmp_path):
     still_serves(client, picture)
 
 
-def test_history_images_must_be_uploads(tmp_path):
+def test_history_images_must_be_uploads(tokenizer, tmp_path, monkeypatch):
     """Behind gradio's validation, the app's own rule holds too: a history image outside the upload folder is refused
-    (not silently left out), one that was uploaded but is gone is left out."""
+    (not silently left out), one that was uploaded but is gone is left out. The images the Space draws reach a later
+    turn only through gradio's folder too: its own copy is not read."""
     import test_space
 
     app = test_space.load_app()
@@ -99,6 +148,15 @@ def test_history_images_must_be_uploads(tmp_path):
     with pytest.raises(app.NotUploadedError):
         app.upload_path({"path": str(tmp_path / "fifo")})
 
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    space = app.TransfusionSpace(drawing_pipeline(tokenizer), 1)
+    drawn = space.save_image(PIL.Image.new("RGB", (32, 32), "blue"))
+    for path in (str(secret), drawn):
+        image = {"type": "file", "file": {"path": path, "meta": {"_type": "gradio.FileData"}}}
+        history = [{"role": "user", "content": "draw"}, {"role": "assistant", "content": [image]}]
+        with pytest.raises(app.NotUploadedError, match=NOT_UPLOADED):
+            next(space.chat({"text": "and now?", "files": []}, history, 4, 0, 2, 3.0, 0, 0, progress=lambda *a: None))
+
 
 def test_optional_inputs_named_outputs_and_integer_types(client, picture):
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
@@ -108,13 +166,19 @@ def test_optional_inputs_named_outputs_and_integer_types(client, picture):
         assert generate[name]["type"]["type"] == "integer", (name, generate[name]["type"])
     caption = {p["parameter_name"]: p for p in api["/caption"]["parameters"]}
     assert caption["prompt"]["parameter_has_default"] and caption["max_new_tokens"]["type"]["type"] == "integer"
-    for endpoint in ("/generate", "/caption", "/chat"):
+    edit = {p["parameter_name"]: p for p in api["/edit"]["parameters"]}
+    assert all(edit[name]["parameter_has_default"] for name in ("steps", "guidance", "image_guidance", "seed"))
+    for name in ("steps", "seed"):
+        assert edit[name]["type"]["type"] == "integer", (name, edit[name]["type"])
+    for endpoint in ("/generate", "/edit", "/caption", "/chat"):
         labels = [r["label"] for r in api[endpoint]["returns"]]
         assert all(label and not label.startswith("value_") for label in labels), (endpoint, labels)
     images, status = client.predict("a photo of a dress", api_name="/generate")  # every other input optional
     assert len(images) >= 1 and "steps" in status
     caption_text, _ = client.predict(handle_file(str(picture)), api_name="/caption")
     assert isinstance(caption_text, str)
+    edited, status = client.predict(handle_file(str(picture)), "make it blue", api_name="/edit")
+    assert len(edited) == 1 and "image guidance off" in status
 
 
 def test_handled_input_errors_log_one_line_not_a_traceback(server, picture):

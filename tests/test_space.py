@@ -1,6 +1,8 @@
 """The Space (space/app.py) served as a subprocess and called through gradio_client: every named endpoint, outputs
 equal to direct pipeline calls, bad inputs answered with clear messages while the server keeps serving, concurrent
-requests, a missing checkpoint, and the Space layout (app.py beside its checkpoint, no repository packages)."""
+requests, a missing checkpoint, and the Space layout (app.py beside its checkpoint and examples, no repository
+packages). In-process, what the handlers hand the pipeline: an edit's image and instruction, the chat's conversation
+(user and assistant turns with their images, the oldest dropped when it does not fit)."""
 
 import importlib.util
 import os
@@ -126,7 +128,7 @@ GOOD_GENERATE = ("a red circle", "", 3, 3.0, 0, "DDIM", 1)
 
 def test_named_endpoints(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/generate", "/caption", "/chat"} <= set(endpoints)
+    assert {"/generate", "/edit", "/caption", "/chat"} <= set(endpoints)
 
 
 @pytest.mark.parametrize("scheduler", ["DDIM", "DPM-Solver++", "DPM-Solver++ SDE", "DDPM", "Euler"])
@@ -209,6 +211,154 @@ def test_chat_replies_with_images_over_several_turns(client, tmp_path):
     history, _ = client.predict(message, history, *settings.values(), api_name="/chat")
     assert [m["role"] for m in history] == ["user", "assistant"] * 2
     assert [part["type"] for part in history[2]["content"]] == ["file", "text"]
+
+
+@pytest.mark.parametrize("image_guidance, note", [(0, "image guidance off"), (1.5, "image guidance 1.5")])
+def test_edit_equals_the_pipeline(client, model_dir, tmp_path, image_guidance, note):
+    source = PIL.Image.fromarray(np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    source.save(tmp_path / "source.png")
+    file = handle_file(str(tmp_path / "source.png"))
+    gallery, status = client.predict(file, "make the circle blue", 3, 2.5, image_guidance, 7, "DDIM", api_name="/edit")
+    assert len(gallery) == 1 and note in status and "seed 7" in status
+    reference = TransfusionPipeline.from_pretrained(model_dir)
+    reference.set_progress_bar_config(disable=True)
+    expected = reference(
+        "make the circle blue",
+        image=source,
+        num_inference_steps=3,
+        guidance_scale=2.5,
+        image_guidance_scale=image_guidance or None,
+        generator=torch.Generator().manual_seed(7),
+    ).images[0]
+    assert np.abs(pixels(gallery[0]["image"]) - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+
+# -- the handlers in-process: what the Space hands the pipeline ------------------------------------------------------
+@pytest.fixture(scope="module")
+def app():
+    return load_app()
+
+
+@pytest.fixture()
+def space(app, pipe, tmp_path, monkeypatch):
+    """The Space's handlers around `pipe`, with gradio's upload folder in tmp_path."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    return app.TransfusionSpace(pipe, 1)
+
+
+@pytest.fixture()
+def calls(monkeypatch):
+    """(args, kwargs) of every `pipe(...)` and `pipe.generate_interleaved(...)` call, by method name."""
+    recorded = {"__call__": [], "generate_interleaved": []}
+    for name in recorded:
+
+        def spy(self, *args, _original=getattr(TransfusionPipeline, name), _calls=recorded[name], **kwargs):
+            _calls.append((args, kwargs))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(TransfusionPipeline, name, spy)
+    return recorded
+
+
+def no_progress(*args, **kwargs):
+    pass
+
+
+def last(outputs):
+    """The final output of a streaming handler."""
+    *_, final = outputs
+    return final
+
+
+def upload(folder: Path, name: str, image: PIL.Image.Image) -> dict:
+    """An image in gradio's upload folder, as a request hands it to a handler."""
+    image.save(folder / name)
+    return {"path": str(folder / name), "meta": {"_type": "gradio.FileData"}}
+
+
+def colours(content: list) -> list:
+    """A message's content with each image shown as its top-left pixel."""
+    return [part if isinstance(part, str) else np.asarray(part)[0, 0].tolist() for part in content]
+
+
+def test_edit_hands_the_pipeline_the_image_and_the_instruction(space, calls, tmp_path):
+    source = PIL.Image.new("RGBA", (64, 40), (255, 0, 0, 255))
+    file = upload(tmp_path, "source.png", source)
+    images, status = last(space.edit(file, "  make the  square blue ", 2, 2.5, 0, 5, "DDIM", progress=no_progress))
+    ((args, kwargs),) = calls["__call__"]
+    assert kwargs["prompt"] == "make the square blue" and kwargs["image_guidance_scale"] is None
+    assert kwargs["num_inference_steps"] == 2 and kwargs["guidance_scale"] == 2.5
+    expected = space.pipe.processor.prepare_image(source)[0]  # padded to a square, 32×32 RGB
+    np.testing.assert_array_equal(np.asarray(kwargs["image"]), np.asarray(expected))
+    assert len(images) == 1 and images[0].size == (32, 32)
+    assert "DDIM, 2 steps, guidance 2.5, image guidance off, seed 5" in status
+    last(space.edit(file, "make the square blue", 2, 2.5, 1.5, 5, "DDIM", progress=no_progress))
+    assert calls["__call__"][-1][1]["image_guidance_scale"] == 1.5
+
+
+def test_chat_hands_the_pipeline_the_conversation(space, calls, pipe, tmp_path):
+    red = upload(tmp_path, "red.png", PIL.Image.new("RGB", (32, 32), "red"))
+    drawn = upload(tmp_path, "drawn.png", PIL.Image.new("RGB", (32, 32), "blue"))  # a reply's image, handed back
+    green = upload(tmp_path, "green.png", PIL.Image.new("RGB", (32, 32), "green"))
+    history = [
+        {"role": "user", "content": [{"type": "file", "file": red}, {"type": "text", "text": "what is this?"}]},
+        {"role": "assistant", "content": "a red square"},
+        {"role": "user", "content": [{"type": "text", "text": "draw a blue one"}]},
+        {"role": "assistant", "content": [{"type": "file", "file": drawn}, {"type": "text", "text": "here it is"}]},
+    ]
+    message = {"text": "make it green", "files": [green]}
+    shown, _ = last(space.chat(message, history, 4, 1, 2, 2.5, 0, 3, progress=no_progress))
+    ((args, kwargs),) = calls["generate_interleaved"]
+    messages = args[0]
+    assert [(m["role"], colours(m["content"])) for m in messages] == [
+        ("user", [[255, 0, 0], "what is this?"]),
+        ("assistant", ["a red square"]),
+        ("user", ["draw a blue one"]),
+        ("assistant", [[0, 0, 255], "here it is"]),
+        ("user", [[0, 128, 0], "make it green"]),  # the new turn: its images, then its text
+    ]
+    settings = {"max_new_tokens": 4, "max_images": 1, "num_inference_steps": 2, "guidance_scale": 2.5, "temperature": 0}
+    assert settings.items() <= kwargs.items()
+    # the reply shown is pipe.chat's answer to that conversation
+    assert shown[:-1] == [*history, {"role": "user", "content": [{"path": green["path"]}, "make it green"]}]
+    expected = pipe.chat(messages, max_new_tokens=4, max_images=1, num_inference_steps=2, guidance_scale=2.5,
+                         generator=torch.Generator().manual_seed(3)).message["content"]  # fmt: skip
+    reply = shown[-1]["content"]
+    assert len(reply) == len(expected) and any(not isinstance(part, str) for part in expected)
+    for got, want in zip(reply, expected):
+        if isinstance(want, str):
+            assert got == want.strip()
+        else:
+            assert np.abs(pixels(got["path"]) - np.asarray(want, dtype=np.int16)).max() <= 1
+
+
+def test_chat_drops_the_oldest_turns_that_do_not_fit(space, calls, tmp_path):
+    picture = upload(tmp_path, "picture.png", PIL.Image.new("RGB", (32, 32), "red"))
+    history = []
+    for i in range(12):  # about 30 positions a pair: more than the tiny model's 256
+        history += [
+            {"role": "user", "content": [{"type": "file", "file": picture}, {"type": "text", "text": f"picture {i}"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": f"a red square {i}"}]},
+        ]
+    last(space.chat({"text": "and now?", "files": []}, history, 4, 1, 2, 3.0, 0, 0, progress=no_progress))
+    messages = calls["generate_interleaved"][0][0][0]
+    everything = [*space.history_messages(history), {"role": "user", "content": ["and now?"]}]
+    start = len(everything) - len(messages)
+    assert start > 0 and messages == everything[start:] and messages[0]["role"] == "user"
+    budget = space.config.max_position_embeddings - 4 - space.image_cost  # the reply's new tokens and image
+    assert space.count_positions(messages) <= budget < space.count_positions(everything[start - 2 :])
+
+
+def test_history_leaves_out_gone_images_and_the_empty_reply_note(app, space, tmp_path):
+    gone = upload(tmp_path, "gone.png", PIL.Image.new("RGB", (8, 8)))
+    Path(gone["path"]).unlink()
+    history = [
+        {"role": "user", "content": [{"type": "file", "file": gone}, {"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": app.EMPTY_REPLY},
+        {"role": "assistant", "content": [{"type": "file", "file": gone}]},
+        "not a message",
+    ]
+    assert space.history_messages(history) == [{"role": "user", "content": ["hi"]}]
 
 
 @pytest.mark.parametrize(
@@ -346,12 +496,14 @@ def test_a_bare_model_folder_loads_as_a_pipeline(pipe, tmp_path):
 def test_space_layout_loads_the_checkpoint_beside_app(model_dir, tmp_path):
     """As a Space: app.py at the root, the checkpoint in checkpoints/transfusion-tiny, no repository packages."""
     shutil.copy(APP, tmp_path / "app.py")
+    shutil.copytree(APP.parent / "examples", tmp_path / "examples")
     shutil.copytree(model_dir, tmp_path / "checkpoints" / "transfusion-tiny")
     script = (
         "import importlib.util, app\n"
         "assert importlib.util.find_spec('pipelines') is None\n"
         "pipe = app.load_pipeline()\n"
         "demo = app.build_demo(pipe, 1)\n"
+        "assert len(app.edit_examples()) == 4, app.edit_examples()\n"
         "print('SPACE-OK', type(pipe).__name__, app.resolve_model())\n"
     )
     env = outside_repo_env(tmp_path, {**app_env(), "HOME": str(tmp_path)})
