@@ -1,6 +1,7 @@
 """The Space in a real browser (Debian's chromium driven by Playwright): type a prompt and generate, upload an image
-and read its caption, chat with an image in the reply, and see the message for an empty prompt. The app is served
-in-process (`build_demo` + `launch`); screenshots go to the test's tmp dir."""
+and read its caption, chat with an image in the reply and go on to a second turn, pick an example image and an
+instruction and see the edited image, and see the messages for an empty prompt and a missing image to edit. The app is
+served in-process (`build_demo` + `launch`); screenshots go to the test's tmp dir."""
 
 import socket
 from pathlib import Path
@@ -9,6 +10,8 @@ import numpy as np
 import PIL.Image
 import pytest
 from test_space import drawing_pipeline, load_app
+
+from pipelines import TransfusionPipeline
 
 pytestmark = pytest.mark.browser
 
@@ -116,3 +119,47 @@ def test_chat_reply_shows_an_image(page, tmp_path):
     expect(page.locator("#chatbot")).to_contain_text("a red circle")
     page.wait_for_function("() => document.querySelector('#chatbot img').naturalWidth > 0")  # loaded, not broken
     page.screenshot(path=tmp_path / "chat.png", full_page=True)
+
+
+def test_chat_second_turn_reads_the_first(page, tmp_path, monkeypatch):
+    """The history the browser sends back (the first reply's image included, from gradio's folder) is read: the
+    second turn hands the model both turns."""
+    from playwright.sync_api import expect
+
+    prompts = []
+    original = TransfusionPipeline.generate_interleaved
+
+    def spy(self, prompt, *args, **kwargs):
+        prompts.append(prompt)
+        return original(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(TransfusionPipeline, "generate_interleaved", spy)
+    page.get_by_role("tab", name="Chat").click()
+    for turn, text in enumerate(("a red circle", "now make it blue"), start=1):
+        page.locator("#chat-input textarea").fill(text)
+        page.locator("#chat-input textarea").press("Enter")
+        expect(page.locator("#chatbot img")).to_have_count(turn)  # a preview, then the reply's image
+        expect(page.locator("#chatbot")).not_to_contain_text("Drawing image")  # the reply is done
+        expect(page.locator("#chatbot")).to_contain_text(text)
+    page.screenshot(path=tmp_path / "chat-two-turns.png", full_page=True)
+    first, second = prompts
+    assert [m["role"] for m in second] == ["user", "assistant", "user"] and second[0] == first[0]
+    assert [isinstance(part, str) for part in second[1]["content"]] == [False, True]  # the first reply: image, text
+    assert second[2]["content"] == ["now make it blue"]
+
+
+def test_edit_an_example_shows_the_edited_image(page, tmp_path):
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Edit").click()
+    page.locator("#edit-btn").click()  # nothing to edit yet
+    expect(page.get_by_text("Upload an image to edit, or pick an example.")).to_be_visible()
+    page.locator("#edit-examples [data-testid='dataset-cell-1-0']").click()  # the second example's image
+    expect(page.locator("#edit-image img")).to_have_count(1)
+    expect(page.locator("#instruction textarea")).to_have_value("put the yellow triangle above the red square")
+    page.locator("#instruction textarea").fill("make the square blue")
+    page.locator("#edit-btn").click()
+    expect(page.locator("#edit-status")).to_contain_text("image guidance off, seed 0")
+    expect(page.locator("#edited img")).to_have_count(1)
+    page.wait_for_function("() => document.querySelector('#edited img').naturalWidth === 32")  # loaded, not broken
+    page.screenshot(path=tmp_path / "edit.png", full_page=True)
