@@ -625,6 +625,7 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
         temperature: float = 0.0,
         generator: torch.Generator | None = None,
         output_type: str = "pil",
+        callback_on_step_end=None,
     ) -> ChatOutput:
         r"""
         The assistant's next turn of a conversation: text and images, interleaved as the model writes them.
@@ -634,7 +635,8 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
                 string, an image (PIL, uint8 array, (3, H, W) tensor in [−1, 1]) or a list of them. A list of such
                 conversations is a batch. The processor lays them out (`user:` …, `assistant:` … `<|eos|>`).
             max_new_tokens, max_images, num_inference_steps, guidance_scale, image_guidance_scale, temperature,
-            generator, output_type: as `generate_interleaved`; the turn ends at `<|eos|>` (or when a limit is hit).
+            generator, output_type, callback_on_step_end: as `generate_interleaved`; the turn ends at `<|eos|>` (or
+            when a limit is hit).
 
         Returns `ChatOutput`: `message` is the new turn (`{"role": "assistant", "content": [...]}`) to append before
         the next user turn.
@@ -646,8 +648,8 @@ class TransfusionPipeline(DiffusionPipeline, TransfusionLoraLoaderMixin):
         out = self.generate_interleaved(conversations if batched else conversations[0], max_new_tokens=max_new_tokens,
                                         max_images=max_images, num_inference_steps=num_inference_steps,
                                         guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
-                                        temperature=temperature, generator=generator,
-                                        output_type=output_type)  # fmt: skip
+                                        temperature=temperature, generator=generator, output_type=output_type,
+                                        callback_on_step_end=callback_on_step_end)  # fmt: skip
         turns = [{"role": "assistant", "content": items} for items in (out.items if batched else [out.items])]
         return ChatOutput(message=turns if batched else turns[0], token_ids=out.token_ids)
 

@@ -539,17 +539,16 @@ class TransfusionSpace:
 
         def run(pipe, callback):
             pipe.scheduler = self.make_scheduler(self.default_scheduler)
-            # what pipe.chat(messages) runs, with the step callback it does not take (previews, cancellation)
-            return pipe.generate_interleaved(
-                pipe.processor.conversation_prompt(messages),
+            return pipe.chat(
+                messages,
                 max_new_tokens=max_new_tokens,
                 max_images=max_images,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 temperature=temperature,
                 generator=torch.Generator().manual_seed(seed),
-                callback_on_step_end=callback,
-            ).items
+                callback_on_step_end=callback,  # previews and cancellation
+            ).message["content"]
 
         progress(0, desc="Writing")
         image_number = 0
