@@ -86,11 +86,27 @@ def markdown_table(report: dict) -> str:
 
 
 def compare_table(reports: list[dict], names: list[str]) -> str:
-    """Side by side: one column per report, one row per headline metric present in any of them."""
+    """Side by side: one column per report, one row per headline metric present in any of them. Reports that share a
+    name (the same model at several noise seeds) are one column: the mean ± the standard deviation over them (n − 1),
+    the sampling noise a difference between columns is read against."""
     rows = [summary_rows(r) for r in reports]
     labels = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    lines += [f"| {k} | " + " | ".join(_fmt(r.get(k)) for r in rows) + " |" for k in labels]
+    columns = list(dict.fromkeys(names))
+    groups = {c: [r for r, n in zip(rows, names) if n == c] for c in columns}
+
+    def cell(group, key):
+        values = [r.get(key) for r in group]
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(group) == 1 or len(numbers) != len(values) or key == "wall time (s)" or (
+                all(isinstance(v, int) for v in numbers) and len(set(numbers)) == 1):  # fmt: skip
+            return _fmt(values[0])
+        mean = sum(numbers) / len(numbers)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in numbers) / (len(numbers) - 1))
+        return f"{_fmt(float(mean))} ± {_fmt(float(sd)) if sd else '0'}"
+
+    header = [f"{c} (n={len(groups[c])})" if len(groups[c]) > 1 else c for c in columns]
+    lines = ["| metric | " + " | ".join(header) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {k} | " + " | ".join(cell(groups[c], k) for c in columns) + " |" for k in labels]
     return "\n".join(lines) + "\n"
 
 

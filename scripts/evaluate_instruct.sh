@@ -18,5 +18,5 @@ for seed in 0 1 2; do
         --shapes-prompts 200 --caption-per-class 50 --caption-shapes 200 --edit-prompts 200 --instruct-prompts 100 \
         --qa-questions 300 --seed "$seed" --out "$R/$NAME-seed$seed.json" $([ "$seed" = 0 ] && echo --grid)
 done
-"$PY" -m evaluation.evaluate --compare "$R/$NAME"-seed{0,1,2}.json --names seed0 seed1 seed2 \
+"$PY" -m evaluation.evaluate --compare "$R/$NAME"-seed{0,1,2}.json --names "$NAME" "$NAME" "$NAME" \
     --compare-out "$R/$NAME-seeds.md"

@@ -243,3 +243,17 @@ def test_evaluation_samples_at_the_pipelines_own_default_step_count(tokenizer):
     assert default_steps(saved) == 7
     assert default_steps(TransfusionPipeline(model, DDIMScheduler.from_config(config), tokenizer)) == 25
     assert default_steps(TransfusionPipeline(model, DDPMScheduler.from_config(config), tokenizer)) == 250
+
+
+def test_compare_groups_seeds_into_mean_and_deviation():
+    from evaluation.report import compare_table
+
+    def report(accuracy):
+        fashion = {"n_generated": 20, "accuracy": accuracy, "fd": 2.0, "fd_vae_reconstruction": 1.0,
+                   "fd_real_vs_real": 0.1, "fd_ratio_to_vae": 2.0}  # fmt: skip
+        return {"results": {"fashion": fashion}}
+
+    table = compare_table([report(0.5), report(0.7), report(0.9)], ["before", "before", "after"])
+    assert "| metric | before (n=2) | after |" in table
+    assert "| fashion: prompted-class accuracy | 0.600 ± 0.141 | 0.900 |" in table
+    assert "| fashion: images | 20 | 20 |" in table
