@@ -1,12 +1,13 @@
 """Transfusion Space: text → image, image editing by instruction, image → text and a chat whose replies can hold
 images, from one model.
 
-    python space/app.py                                  # the bundled checkpoints/transfusion-tiny on 127.0.0.1:7860
+    python space/app.py                                  # checkpoints/transfusion-tiny-instruct on 127.0.0.1:7860
     python space/app.py --model PATH_OR_HUB_ID --host 0.0.0.0 --port 7861 --concurrency 2
     TRANSFUSION_MODEL=user/transfusion-tiny python space/app.py
 
-As a Hugging Face Space (this folder is then the Space's repository root) the model is `checkpoints/transfusion-tiny`
-next to app.py, or the folder or Hub id in the `TRANSFUSION_MODEL` variable; see README.md.
+As a Hugging Face Space (this folder is then the Space's repository root) the model is the folder or Hub id in the
+`TRANSFUSION_MODEL` variable, else `checkpoints/transfusion-tiny-instruct` next to app.py (the instruction-tuned model,
+which edits and chats), else `checkpoints/transfusion-tiny`; see README.md.
 
 API (gradio_client): `/generate`, `/edit`, `/caption` and `/chat`. Inputs reach the handlers unprocessed
 (`preprocess=False`) so that every bad value — from the UI or the API — gets a message naming it and its accepted range.
@@ -56,7 +57,8 @@ from diffusers import (
 APP_DIR = Path(__file__).resolve().parent
 # In the repository the app sits in space/ beside the `pipelines` package; as a Space, its folder is the root.
 ROOT = APP_DIR.parent if (APP_DIR.parent / "pipelines").is_dir() else APP_DIR
-DEFAULT_MODEL = ROOT / "checkpoints" / "transfusion-tiny"
+# The instruction-tuned model edits and chats; the base model only draws from captions, captions and writes text.
+DEFAULT_MODELS = (ROOT / "checkpoints" / "transfusion-tiny-instruct", ROOT / "checkpoints" / "transfusion-tiny")
 EXAMPLES_DIR = APP_DIR / "examples"  # the Edit tab's example source images (examples/make_examples.py)
 
 MAX_STEPS, MAX_GUIDANCE, MAX_IMAGES = 250, 20.0, 8
@@ -95,8 +97,9 @@ class RunCancelled(Exception):
 
 # -- loading -------------------------------------------------------------------------------------------------------
 def resolve_model(model: str | Path | None = None) -> str:
-    """`--model`, else `TRANSFUSION_MODEL`, else the bundled checkpoint."""
-    return str(model or os.environ.get("TRANSFUSION_MODEL") or DEFAULT_MODEL)
+    """`--model`, else `TRANSFUSION_MODEL`, else the first bundled checkpoint there is (the instruction-tuned one)."""
+    default = next((folder for folder in DEFAULT_MODELS if folder.is_dir()), DEFAULT_MODELS[-1])
+    return str(model or os.environ.get("TRANSFUSION_MODEL") or default)
 
 
 def load_pipeline(model: str | Path | None = None, device: str | None = None):
@@ -752,7 +755,8 @@ def main(argv=None):
     parser.add_argument(
         "--model",
         default=None,
-        help=f"pipeline folder, model folder or Hub id (default: $TRANSFUSION_MODEL, else {DEFAULT_MODEL})",
+        help="pipeline folder, model folder or Hub id (default: $TRANSFUSION_MODEL, else the first of "
+        + ", ".join(str(folder) for folder in DEFAULT_MODELS) + " there is)",
     )
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to bind")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))

@@ -493,11 +493,15 @@ def test_a_bare_model_folder_loads_as_a_pipeline(pipe, tmp_path):
     torch.testing.assert_close(loaded.transformer(input_ids=ids).logits, pipe.transformer(input_ids=ids).logits)
 
 
-def test_space_layout_loads_the_checkpoint_beside_app(model_dir, tmp_path):
-    """As a Space: app.py at the root, the checkpoint in checkpoints/transfusion-tiny, no repository packages."""
+@pytest.mark.parametrize("bundled", [("transfusion-tiny",), ("transfusion-tiny", "transfusion-tiny-instruct")],
+                         ids=["base", "base+instruct"])
+def test_space_layout_loads_the_checkpoint_beside_app(model_dir, tmp_path, bundled):
+    """As a Space: app.py at the root, the checkpoint in checkpoints/ beside it (the instruction-tuned one when it is
+    there), no repository packages."""
     shutil.copy(APP, tmp_path / "app.py")
     shutil.copytree(APP.parent / "examples", tmp_path / "examples")
-    shutil.copytree(model_dir, tmp_path / "checkpoints" / "transfusion-tiny")
+    for name in bundled:
+        shutil.copytree(model_dir, tmp_path / "checkpoints" / name)
     script = (
         "import importlib.util, app\n"
         "assert importlib.util.find_spec('pipelines') is None\n"
@@ -509,4 +513,4 @@ def test_space_layout_loads_the_checkpoint_beside_app(model_dir, tmp_path):
     env = outside_repo_env(tmp_path, {**app_env(), "HOME": str(tmp_path)})
     res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert "SPACE-OK TransfusionPipeline" in res.stdout, res.stderr[-3000:]
-    assert str(tmp_path / "checkpoints" / "transfusion-tiny") in res.stdout
+    assert res.stdout.strip().endswith(str(tmp_path / "checkpoints" / bundled[-1])), res.stdout
