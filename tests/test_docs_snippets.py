@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 CARD_FOLDER = ROOT / "checkpoints" / "transfusion-tiny"
 CARD = CARD_FOLDER / "README.md"
+INSTRUCT_FOLDER = ROOT / "checkpoints" / "transfusion-tiny-instruct"
 PLACEHOLDER = "path/to/this/folder"
 TIMEOUT_S = 240  # per snippet; each takes a few seconds to a few tens of seconds on one thread
 
@@ -39,6 +40,8 @@ def python_blocks(path: Path) -> list[str]:
 
 SNIPPETS = [("README", i, code) for i, code in enumerate(python_blocks(README), 1)]
 SNIPPETS += [("card", i, code.replace(PLACEHOLDER, str(CARD_FOLDER))) for i, code in enumerate(python_blocks(CARD), 1)]
+SNIPPETS += [("instruct-card", i, code.replace(PLACEHOLDER, str(INSTRUCT_FOLDER)))
+             for i, code in enumerate(python_blocks(INSTRUCT_FOLDER / "README.md"), 1)]
 SNIPPETS += [("instruct", i, code) for i, code in enumerate(python_blocks(ROOT / "docs" / "instruct.md"), 1)]
 
 
@@ -59,7 +62,8 @@ def run_snippet(code: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 def test_snippets_found():
     names = [name for name, _, _ in SNIPPETS]
-    assert names.count("README") >= 2 and names.count("card") >= 2, f"python snippets found: {names}"
+    counts = {name: names.count(name) for name in ("README", "card", "instruct-card")}
+    assert min(counts.values()) >= 2, f"python snippets found: {names}"
     for name, i, code in SNIPPETS:
         assert PLACEHOLDER not in code, f"{name} snippet {i} still holds {PLACEHOLDER!r}"
 
@@ -76,9 +80,9 @@ def test_card_snippets_cannot_import_the_repository(tmp_path):
 
 @pytest.mark.parametrize("name,index,code", SNIPPETS, ids=[f"{n}-{i}" for n, i, _ in SNIPPETS])
 def test_snippet_runs(name, index, code, tmp_path):
-    cwd = ROOT if name != "card" else tmp_path / "user"
+    cwd = ROOT if not name.endswith("card") else tmp_path / "user"
     cwd.mkdir(exist_ok=True)
-    out = run_snippet(code, cwd, snippet_env(tmp_path, outside_repo=name == "card"))
+    out = run_snippet(code, cwd, snippet_env(tmp_path, outside_repo=name.endswith("card")))
     log = out.stdout + out.stderr
     assert out.returncode == 0, f"{name} snippet {index} failed:\n{code}\n--- output ---\n{log[-4000:]}"
     report = [line for line in log.splitlines() if re.search(r"\b(MISSING|UNEXPECTED)\b", line)]

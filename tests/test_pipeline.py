@@ -486,14 +486,15 @@ def test_interleaved_batch_equals_each_prompt_alone(pipe):
                 assert a.shape == b.shape == (1, 4, 8, 8)
 
 
-def test_bundled_checkpoint_code_equals_the_sources():
-    """The code copies in checkpoints/transfusion-tiny (root and transformer/) are this package's files; refresh them
-    with `python -m conversion.export_pipeline --refresh-code checkpoints/transfusion-tiny`."""
+@pytest.mark.parametrize("folder", ["transfusion-tiny", "transfusion-tiny-instruct"])
+def test_bundled_checkpoint_code_equals_the_sources(folder):
+    """The code copies in the bundled checkpoints (root and transformer/) are this package's files; refresh them
+    with `python -m conversion.export_pipeline --refresh-code checkpoints/FOLDER`."""
     from modeling_transfusion.pipeline_transfusion import _stale_code_files, shipped_code_files
 
     names = {p.name for p in shipped_code_files()}
     assert {"pipeline_transfusion.py", "modeling_transfusion.py", "processing_transfusion.py"} <= names
-    assert _stale_code_files(ROOT / "checkpoints" / "transfusion-tiny") == []
+    assert _stale_code_files(ROOT / "checkpoints" / folder) == []
 
 
 def test_a_folder_with_other_code_is_refused_by_name(tmp_path, pipe):
