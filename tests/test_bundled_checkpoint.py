@@ -80,13 +80,15 @@ def detected(image) -> set[tuple[str, str]]:
 
 
 def test_instruct_checkpoint_answers_a_request_to_draw_with_the_picture(instruct):
+    """At least 3 of 8 replies hold a red circle (the base model: 0 of 8; this one 6 of 8 on the machine that trained
+    it, so a miss on another CPU's kernels is unlikely: below 1 % at a true rate of 0.75)."""
     hits = 0
-    for seed in range(4):
+    for seed in range(8):
         reply = instruct.chat([{"role": "user", "content": "please draw a red circle"}], num_inference_steps=10,
                           generator=torch.Generator().manual_seed(seed)).message  # fmt: skip
         images = [part for part in reply["content"] if not isinstance(part, str)]
         hits += bool(images) and ("red", "circle") in detected(images[0])
-    assert hits >= 3, f"a red circle in {hits} of 4 replies"
+    assert hits >= 3, f"a red circle in {hits} of 8 replies"
 
 
 @pytest.mark.parametrize(
@@ -99,13 +101,13 @@ def test_instruct_checkpoint_answers_a_request_to_draw_with_the_picture(instruct
     ],
 )
 def test_instruct_checkpoint_edits_a_picture(instruct, objects, instruction, done):
-    """The edit asked for, and nothing else, in at least 2 of 8 samples (the base model: 0 of 8; this one 4–5 of 8 on
-    the machine that trained it)."""
+    """The edit asked for, and nothing else, in at least 2 of 16 samples (the base model: 0 of 16; this one 6 and 10
+    of 16 on the machine that trained it: below 1 % to miss at a true rate of 0.375)."""
     from evaluation.detector import detect
     from training.datasets.instruct import PlacedObject, render_objects
 
     source = render_objects(tuple(PlacedObject(c, s, x, y, 10) for c, s, x, y in objects))
-    edits = instruct([instruction] * 8, image=source, num_inference_steps=10, output_type="np",
-                     generator=[torch.Generator().manual_seed(s) for s in range(8)]).images  # fmt: skip
+    edits = instruct([instruction] * 16, image=source, num_inference_steps=10, output_type="np",
+                     generator=[torch.Generator().manual_seed(s) for s in range(16)]).images  # fmt: skip
     hits = sum(done([(d.colour, d.shape) for d in detect((e * 255).round().astype(np.uint8))]) for e in edits)
-    assert hits >= 2, f"{instruction!r} done in {hits} of 8 edits"
+    assert hits >= 2, f"{instruction!r} done in {hits} of 16 edits"
